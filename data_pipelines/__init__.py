@@ -1,0 +1,1 @@
+"""Data sources (TFDS builders) and the grain loader that feeds the trainer."""

@@ -1,0 +1,100 @@
+"""The embedded default recipe: a small world simulator of moving bodies, trained on a CPU.
+
+  python -m worldsim.main --config=experiments/physics_tiny.py --workdir=runs/physics_tiny
+  python -m worldsim.main --config=experiments/physics_tiny.py:S --workdir=runs/physics_s
+
+The argument after ':' picks a variant: `tiny` (default; a laptop CPU in minutes) or one of
+the model table's names (S, B, L, XL) with a data size that suits it. Any field can be
+overridden from the command line, e.g. `--config.model.depth=4 --config.train.steps=200`.
+"""
+import ml_collections
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  variant = arg or "tiny"
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = ("dit", "samples")
+
+  # Until the VAE exists the "latent" is the pixel clip scaled to [-1, 1] (3 channels).
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "shapes"            # procedural moving coloured shapes, served by grain
+  c.data.num_clips = 4096
+  c.data.num_frames = 8
+  c.data.height = 16
+  c.data.width = 16
+  c.data.channels = 3
+  c.data.max_shapes = 2
+  c.data.batch_size = 16              # global batch, split over the data and fsdp axes
+  c.data.worker_count = 0             # grain worker processes; 0 = in the main process
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = variant
+  c.model.patch_size = (1, 4, 4)      # (frames, height, width) of one spacetime patch
+  # None = take the value from the variant table in worldsim/models/dit.py.
+  c.model.width = ml_collections.config_dict.placeholder(int)
+  c.model.depth = ml_collections.config_dict.placeholder(int)
+  c.model.num_heads = ml_collections.config_dict.placeholder(int)
+  c.model.mlp_ratio = 4.0
+  c.model.attention = "xla"
+  c.model.dtype = "float32"           # compute dtype; parameters stay float32
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.logit_normal_mean = 0.0
+  c.diffusion.logit_normal_std = 1.0
+  # The time shift grows as sqrt(tokens per clip / shift_base_tokens) (SD3 / Open-Sora 2.0):
+  # larger clips need more noise to destroy the same amount of structure.
+  c.diffusion.shift_base_tokens = 256
+  c.diffusion.max_shift = 4.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 50
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.optim.grad_clip = 1.0
+  c.optim.ema_decay = 0.99
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.log_every = 20
+  c.train.save_every = 200
+  c.train.keep_checkpoints = 2
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # -1: whatever devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.context = 1
+  # Logical axis -> mesh axes. A name may appear more than once: flax takes the first entry
+  # whose mesh axes are not already used by an earlier dimension of the same array.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("length", "context"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("patch", None),
+  )
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_videos = 4
+  c.sample.steps = 32
+  c.sample.num_frames = 8
+  c.sample.height = 16
+  c.sample.width = 16
+  c.sample.fps = 8
+
+  if variant != "tiny":
+    # Larger variants: bigger frames and batches; still a single host.
+    c.data.num_frames, c.data.height, c.data.width = 16, 64, 64
+    c.data.max_shapes = 4
+    c.model.patch_size = (2, 4, 4)
+    c.data.batch_size = 8
+    c.optim.learning_rate = 3e-4
+    c.train.steps = 20000
+    c.train.save_every = 1000
+    c.sample.num_frames, c.sample.height, c.sample.width = 16, 64, 64
+  return c.lock()

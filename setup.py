@@ -1,0 +1,40 @@
+"""worldsim: train and sample video world simulators in JAX/Flax."""
+import re
+import pathlib
+
+from setuptools import find_packages, setup
+
+_version = re.search(r'__version__ = "([^"]+)"',
+                     pathlib.Path("worldsim/__init__.py").read_text()).group(1)
+
+# Ranges: the lower bounds are the versions the CPU development machine runs (Python 3.11:
+# jax 0.10.2, flax 0.12.8); the upper bounds leave room for jax 0.11+ on accelerators.
+setup(
+    name="worldsim",
+    version=_version,
+    description="Video world simulators: causal video VAE + spacetime-patch diffusion transformer",
+    long_description=pathlib.Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["worldsim", "worldsim.*", "data_pipelines", "data_pipelines.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.14",
+        "optax>=0.2.5,<0.4",
+        "orbax-checkpoint>=0.11.20,<0.14",
+        "grain>=0.2.12,<0.4",
+        "chex>=0.1.90,<0.3",
+        "ml_collections>=1.0,<2",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "video": ["av>=12,<20", "mediapy>=1.2,<2", "imageio>=2.34,<3", "imageio-ffmpeg>=0.5,<0.9"],
+        "physics": ["pymunk>=6.8,<8", "tensorflow-datasets>=4.9.6,<5", "array-record>=0.7,<0.10"],
+        "atari": ["ale-py>=0.9,<0.13", "tensorflow-datasets>=4.9.6,<5", "array-record>=0.7,<0.10"],
+        "tb": ["tensorboardX>=2.6,<3"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
+    },
+)

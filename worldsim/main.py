@@ -1,0 +1,38 @@
+"""Runs an experiment config's stages in order on a workdir.
+
+  python -m worldsim.main --config=experiments/physics_tiny.py --workdir=runs/physics_tiny
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import jax
+
+from worldsim import config as config_lib
+from worldsim import sampling
+from worldsim.train import trainer
+
+config_flags.DEFINE_config_file("config", None, "experiment config file (get_config(arg))",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
+flags.DEFINE_bool("distributed", False,
+                  "call jax.distributed.initialize() first (multi-host TPU/GPU launches)")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+STAGES = {"dit": trainer.train, "samples": sampling.write_samples}
+
+
+def main(argv):
+  del argv
+  # orbax logs every save and restore at INFO; keep the run's own log readable.
+  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  config = FLAGS.config
+  config_lib.validate(config)
+  for stage in config.stages:
+    STAGES[stage](config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

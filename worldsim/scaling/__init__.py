@@ -1,0 +1,1 @@
+"""Analytic FLOP counting and scaling-law tools."""
