@@ -73,6 +73,6 @@ def dit_train_step(state: TrainState, batch: dict, *, model, tx, schedule, diffu
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state,
       ema_params=ema_update(state.ema_params, params, ema_decay, state.step))
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state.step)}
   return new_state, metrics

@@ -103,12 +103,11 @@ def train(config, workdir) -> None:
         done_step, done_metrics = pending
         row = {k: float(v) for k, v in jax.device_get(done_metrics).items()}
         now = time.perf_counter()
-        if last_log is None:                       # the first step compiled; time from here
-          last_log = (done_step, now)
-        elif done_step % config.train.log_every == 0:
-          rate = (done_step - last_log[0]) / (now - last_log[1])
-          row.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step,
-                     mfu=rate * step_flops / peak_flops)
+        if done_step % config.train.log_every == 0 or last_log is None:
+          if last_log is not None:                 # no rate for the step that compiled
+            rate = (done_step - last_log[0]) / (now - last_log[1])
+            row.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step,
+                       mfu=rate * step_flops / peak_flops)
           writer.write(done_step, row)
           progress.set_postfix(loss=f"{row['loss']:.4f}")
           last_log = (done_step, now)

@@ -1,0 +1,26 @@
+"""Eight host CPU devices, set before JAX initialises, so sharding is tested for real."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after the flags)
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def tiny_config():
+  """The laptop recipe shrunk further: a few steps of a 2-block model on 8x16x16 clips."""
+  from experiments import physics_tiny
+  config = physics_tiny.get_config("tiny")
+  with config.unlocked():
+    config.data.batch_size = 8
+    config.train.steps = 6
+    config.train.save_every = 3
+    config.train.log_every = 1
+    config.train.keep_checkpoints = 5
+    config.optim.warmup_steps = 2
+  return config
