@@ -9,6 +9,10 @@ _version = re.search(r'__version__ = "([^"]+)"',
 
 # Ranges: the lower bounds are the versions the CPU development machine runs (Python 3.11:
 # jax 0.10.2, flax 0.12.8); the upper bounds leave room for jax 0.11+ on accelerators.
+# Every dataset is a TFDS builder writing ArrayRecord, built and read without TensorFlow.
+# importlib_resources: TFDS 4.9 imports it for builders that live inside a package.
+_TFDS = ["tensorflow-datasets>=4.9.7,<5", "array-record>=0.7,<0.10", "importlib_resources>=6"]
+
 setup(
     name="worldsim",
     version=_version,
@@ -31,9 +35,10 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "video": ["av>=12,<20", "mediapy>=1.2,<2", "imageio>=2.34,<3", "imageio-ffmpeg>=0.5,<0.9"],
-        "physics": ["pymunk>=6.8,<8", "tensorflow-datasets>=4.9.6,<5", "array-record>=0.7,<0.10"],
-        "atari": ["ale-py>=0.9,<0.13", "tensorflow-datasets>=4.9.6,<5", "array-record>=0.7,<0.10"],
+        "video": ["av>=14,<19", "mediapy>=1.2,<2", "imageio>=2.34,<3", "imageio-ffmpeg>=0.5,<0.9",
+                  *_TFDS],
+        "physics": ["pymunk>=7.0,<8", *_TFDS],       # pymunk 7: Space.on_collision
+        "atari": ["ale-py>=0.9,<0.13", "pillow>=10", *_TFDS],
         "tb": ["tensorboardX>=2.6,<3"],
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
     },
