@@ -74,20 +74,47 @@ def test_resuming_continues_with_the_same_losses(tiny_config, tmp_path):
   assert len(metrics.read(resumed)) == 6
 
 
-def test_main_job_runs_end_to_end_and_its_loss_falls(tmp_path):
-  workdir = tmp_path / "run"
+MAIN_ARGS = ["--config=experiments/physics_tiny.py", "--config.train.steps=150",
+             "--config.train.log_every=10", "--config.sample.num_videos=2",
+             "--config.sample.steps=8"]
+
+
+def run_main(workdir):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}    # one CPU device: faster
-  cmd = [sys.executable, "-m", "worldsim.main", "--config=experiments/physics_tiny.py",
-         f"--workdir={workdir}", "--config.train.steps=150", "--config.train.log_every=10",
-         "--config.sample.num_videos=2", "--config.sample.steps=8"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  subprocess.run(cmd, check=True, cwd=root, env=env, timeout=600)
-  rows = metrics.read(workdir)
+  subprocess.run([sys.executable, "-m", "worldsim.main", f"--workdir={workdir}", *MAIN_ARGS],
+                 check=True, cwd=root, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("main") / "run"
+  run_main(workdir)
+  return workdir
+
+
+def test_main_job_runs_end_to_end_and_its_loss_falls(trained_workdir):
+  rows = metrics.read(trained_workdir)
   first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
   assert last < 0.8 * first, (first, last)
   assert {"steps_per_sec", "tokens_per_sec", "mfu"} <= set(rows[-2])
-  videos = sorted((workdir / "samples").glob("sample_*.*"))
+  videos = sorted((trained_workdir / "samples").glob("sample_*.*"))
   assert len(videos) == 2 and all(v.stat().st_size > 0 for v in videos)
   # Run again: every stage sees its output complete and skips.
-  subprocess.run(cmd, check=True, cwd=root, env=env, timeout=600)
-  assert len(metrics.read(workdir)) == len(rows)
+  run_main(trained_workdir)
+  assert len(metrics.read(trained_workdir)) == len(rows)
+
+
+def test_sample_returns_uint8_video_of_any_patch_multiple_size(trained_workdir):
+  import worldsim
+  video = worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=24, width=16,
+                          steps=4, seed=1)
+  assert video.dtype == np.uint8 and video.shape == (4, 24, 16, 3)
+  again = worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=24, width=16,
+                          steps=4, seed=1)
+  np.testing.assert_array_equal(video, again)                  # seeded: reproducible
+  other = worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=24, width=16,
+                          steps=4, seed=2)
+  assert not np.array_equal(video, other)
+  with pytest.raises(ValueError, match="multiples of the patch size"):
+    worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=23, width=16)

@@ -16,12 +16,17 @@ def segment_mask(q_segment_ids, kv_segment_ids):
 
 
 def xla_attention(q, k, v, q_segment_ids, kv_segment_ids):
-  """Dense softmax attention. q (B, Lq, N, H), k and v (B, Lk, N, H) -> (B, Lq, N, H)."""
+  """Dense softmax attention. q (B, Lq, N, H), k and v (B, Lk, N, H) -> (B, Lq, N, H).
+
+  Heads are moved ahead of length first: the two batched matmuls then run on contiguous
+  (L, H) panels, which is markedly faster on CPU than contracting in the token-major layout.
+  """
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("blnh,bmnh->bnlm", q * scale, k).astype(jnp.float32)
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q * scale, k, v))                # (B, N, L, H)
+  logits = jnp.einsum("bnlh,bnmh->bnlm", q, k).astype(jnp.float32)
   logits = jnp.where(segment_mask(q_segment_ids, kv_segment_ids), logits, -1e30)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnlm,bmnh->blnh", weights, v)
+  return jnp.einsum("bnlm,bnmh->bnlh", weights, v).transpose(0, 2, 1, 3)
 
 
 def attention(q, k, v, segment_ids, *, implementation: str = "xla", kv_segment_ids=None):

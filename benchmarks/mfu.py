@@ -1,0 +1,75 @@
+"""Model FLOP utilisation of the DiT train step, against a matmul measured in this process.
+
+  python -m benchmarks.mfu                      # the S variant, 2048 tokens per step
+  python -m benchmarks.mfu --variant=B --frames=8 --side=64 --batch=1
+
+Prints the analytic FLOPs of one train step (attention included), XLA's own count for the
+compiled step (the model is unrolled, so XLA sees every layer) and their ratio; the median
+step time; the float32 (n x n) matmul FLOP/s of this device; and MFU = achieved / matmul.
+The last line is one JSON object.
+"""
+import argparse
+import json
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from experiments import physics_tiny
+from worldsim.parallel import mesh as mesh_lib
+from worldsim.scaling import flops
+from worldsim.train import trainer
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--variant", default="S")
+  p.add_argument("--frames", type=int, default=8)
+  p.add_argument("--side", type=int, default=64)     # 8 x 64 x 64 with (1, 4, 4) patches: 2048 tokens
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--matmul_n", type=int, default=2048)
+  args = p.parse_args()
+
+  config = physics_tiny.get_config(args.variant)
+  with config.unlocked():
+    config.model.patch_size = (1, 4, 4)
+    config.data.num_frames, config.data.height, config.data.width = args.frames, args.side, args.side
+    config.data.batch_size = args.batch
+    config.mesh.data = 1
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  setup = trainer.build(config, mesh)
+  batch = {k: jax.device_put(v, setup.batch_shardings[k])
+           for k, v in trainer.example_batch(config).items()}
+  analytic = flops.dit_train_flops(setup.dit_cfg, setup.tokens_per_clip, args.batch)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    state = setup.init(jax.random.PRNGKey(0))
+    compiled = setup.train_step.lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    xla_flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(args.steps):
+      start = time.perf_counter()
+      state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - start)
+  peak = flops.measure_matmul_flops(args.matmul_n)
+  step_time = float(np.median(times))
+  mfu = analytic / step_time / peak
+  result = {
+      "benchmark": "mfu", "device": jax.devices()[0].device_kind, "variant": args.variant,
+      "tokens_per_step": setup.tokens_per_clip * args.batch,
+      "analytic_flops_per_step": analytic, "xla_flops_per_step": xla_flops,
+      "analytic_over_xla": analytic / xla_flops, "step_time_s": step_time,
+      "step_times_s": times, "matmul_flops_per_s": peak,
+      "achieved_flops_per_s": analytic / step_time, "mfu": mfu, "goal_mfu": 0.45,
+      "goal_met": mfu >= 0.45}
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,34 @@
+import flax.linen as nn
+import jax
+import pytest
+
+from worldsim.parallel import mesh as mesh_lib
+from worldsim.scaling import flops
+from worldsim.train import trainer
+
+
+@pytest.mark.parametrize("width,depth,heads,frames,side", [(64, 2, 4, 8, 16), (128, 3, 4, 4, 32)])
+def test_analytic_flops_match_xla_cost_analysis(tiny_config, width, depth, heads, frames, side):
+  config = tiny_config
+  with config.unlocked():
+    config.model.width, config.model.depth, config.model.num_heads = width, depth, heads
+    config.data.num_frames, config.data.height, config.data.width = frames, side, side
+    config.data.batch_size, config.mesh.data = 2, 1
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  setup = trainer.build(config, mesh)
+  batch = trainer.example_batch(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    cost = setup.train_step.lower(setup.abstract_state, batch).compile().cost_analysis()
+  xla = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+  analytic = flops.dit_train_flops(setup.dit_cfg, setup.tokens_per_clip, 2)
+  assert abs(analytic / xla - 1) < 0.15, (analytic, xla)
+
+
+def test_every_parameter_has_logical_axis_names(tiny_config):
+  setup = trainer.build(tiny_config, mesh_lib.make_mesh(tiny_config.mesh))
+  boxed = jax.eval_shape(setup.model.init, jax.random.PRNGKey(0),
+                         *trainer.example_batch(tiny_config).values(),
+                         jax.ShapeDtypeStruct((8, 128), "float32"))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(leaf, nn.Partitioned) for leaf in leaves)
+  assert all(len(leaf.names) == leaf.value.ndim for leaf in leaves)
