@@ -1,16 +1,59 @@
-"""grain pipelines from a clip source to the trainer's token batches.
+"""grain pipelines from a clip source to the trainer's packed token batches.
 
-source -> seeded shuffle (reshuffled every epoch) -> per-host shard -> clip to tokens -> batch.
-A batch row is one clip here: tokens (B, L, P), positions (B, L, 3), segment_ids (B, L) all 1.
+  clip indices -> seeded shuffle (a new order every epoch) -> this host's shard
+    -> ClipToTokens: read, random temporal crop, resize policy, pixels -> latent, patchify
+    -> skip bad records (counted) -> pack into rows of token_budget tokens (grain best-fit)
+    -> PackedRow: per-clip metadata -> batch [-> mp_prefetch worker processes]
+
+Clips keep their native resolution, aspect ratio and duration; packing many into one row of a
+fixed token budget gives every batch the same static shape, so one compiled step serves them
+all. A batch of B = batch_size // process_count rows, with M = max_clips_per_row:
+
+  tokens         float32 (B, budget, P)  patch tokens, clips back to back, zeros in padding
+  positions      int32 (B, budget, 3)    each token's (t, h, w) patch coordinate in its clip
+  segment_ids    int32 (B, budget)       1, 2, ... for the clips of a row; 0 = padding
+  -- per clip, host-side only (absent clips: zeros, '' or -1):
+  clip_grid      int32 (B, M, 3)         (gt, gh, gw) patch grid of segment m + 1
+  captions       object (B, M)           str
+  actions        float32 (B, M, max_frames, A)  per pixel frame of the crop, zero-padded;
+                                         A is the source's (physics 2, atari 1 = the action id);
+                                         absent for sources without actions
+  clip_index     int32 (B, M)            the clip's index in the source
+  clip_epoch     int32 (B, M)            the pass over the data that drew it
+  num_skipped    int32 (B,)              bad records skipped just before this row's clips
+  num_truncated  int32 (B,)              clips of this row cut beyond the random crop to fit
+
+Only the first three go to the devices; the rest is for logging and conditioning on the host.
+
+Resize policy (config.data.resize): 'native' keeps every pixel (frames centre-cropped to whole
+patches); a clip over the row's budget is shortened in time, and a single latent frame over
+the budget is downscaled. 'cap' downscales frames (aspect kept, box filter) until the clip has
+at most max_tokens_per_clip tokens. Nothing is dropped for being too big. The random crop of
+clip `index` in pass `epoch` draws from crop_rng(seed, epoch, index), so anyone can recompute
+a clip with `prepare_clip`.
+
 The iterator is a grain DatasetIterator, whose state the checkpoint saves with the model.
+With worker processes each worker packs its own slice of the stream, so a checkpoint resumes
+the same stream only with the same worker_count.
 """
+import dataclasses
 from typing import Sequence
 
+from absl import logging
 import grain
 import numpy as np
 
 from data_pipelines.shapes import ShapesSource
 from worldsim.models import patches
+
+SOURCES = ("shapes", "physics_world", "video_folder", "atari")
+RESIZE_POLICIES = ("native", "cap")
+# grain's defaults (16 threads, 500 clips read ahead) suit small records on remote disks; decoded
+# clips are large and CPU-bound, so a few threads and a short queue hold less and contend less.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+# Per-clip fields that ride through the packer as lists, one entry per clip of a row.
+_CLIP_FIELDS = ("clip_grid", "caption", "actions", "clip_index", "clip_epoch", "skipped",
+                "truncated")
 
 
 def pixels_to_latent(video: np.ndarray) -> np.ndarray:
@@ -22,41 +65,255 @@ def latent_to_pixels(latent) -> np.ndarray:
   return np.clip((np.asarray(latent) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
+class BadRecord(ValueError):
+  """A record that cannot become a clip (too short or small, wrong channels, NaN, actions that
+  do not match the frames)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+  """How a record becomes a clip."""
+  patch_size: tuple[int, int, int]
+  channels: int
+  min_frames: int        # temporal crop length range, in pixel frames
+  max_frames: int
+  max_tokens: int        # no clip has more tokens (the row's budget, or the 'cap' policy's)
+  downscale: bool        # True ('cap'): shrink frames to fit; False ('native'): shorten first
+
+
+def clip_spec(data_cfg, patch_size: Sequence[int]) -> ClipSpec:
+  d = data_cfg
+  if d.resize not in RESIZE_POLICIES:
+    raise ValueError(f"config.data.resize={d.resize!r}; choose from {RESIZE_POLICIES}")
+  if not 1 <= d.min_frames <= d.max_frames:
+    raise ValueError(f"need 1 <= config.data.min_frames ({d.min_frames}) <= "
+                     f"config.data.max_frames ({d.max_frames})")
+  max_tokens = d.token_budget
+  if d.resize == "cap":
+    if not 0 < d.max_tokens_per_clip <= d.token_budget:
+      raise ValueError(f"resize='cap' needs 0 < config.data.max_tokens_per_clip "
+                       f"({d.max_tokens_per_clip}) <= config.data.token_budget ({d.token_budget})")
+    max_tokens = d.max_tokens_per_clip
+  return ClipSpec(tuple(int(p) for p in patch_size), d.channels, d.min_frames, d.max_frames,
+                  max_tokens, d.resize == "cap")
+
+
+def crop_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  return np.random.default_rng((seed, epoch, index))
+
+
+def _fit_area(height: float, width: float, area: int) -> tuple[int, int]:
+  """The largest patch grid of about height:width (in patches) with at most `area` patches."""
+  scale = min(1.0, np.sqrt(area / (height * width)))
+  gh = int(np.clip(np.floor(height * scale), 1, area))
+  return gh, int(np.clip(np.floor(width * scale), 1, area // gh))
+
+
+def _area_weights(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) box filter: output pixel j averages the input span it covers."""
+  edges = np.linspace(0, n_in, n_out + 1)
+  cells = np.arange(n_in)
+  overlap = np.minimum(edges[1:, None], cells + 1) - np.maximum(edges[:-1, None], cells)
+  return (np.maximum(overlap, 0) * (n_out / n_in)).astype(np.float32)
+
+
+def _resize(video: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Centre-crops (T, H, W, C) to the aspect of height:width, then box-filters to that size."""
+  _, h, w, _ = video.shape
+  if h * width > w * height:                # taller than the target: trim rows
+    crop_h, crop_w = round(w * height / width), w
+  else:                                     # wider: trim columns
+    crop_h, crop_w = h, round(h * width / height)
+  top, left = (h - crop_h) // 2, (w - crop_w) // 2
+  video = video[:, top:top + crop_h, left:left + crop_w].astype(np.float32)
+  return np.einsum("ph,thwc,qw->tpqc", _area_weights(crop_h, height), video,
+                   _area_weights(crop_w, width), optimize=True)
+
+
+def _check(record: dict, spec: ClipSpec) -> np.ndarray:
+  video = np.asarray(record["video"])
+  pt, ph, pw = spec.patch_size
+  if video.ndim != 4 or video.shape[-1] != spec.channels:
+    raise BadRecord(f"video of shape {video.shape}; expected (T, H, W, {spec.channels})")
+  if video.shape[0] < pt or video.shape[1] < ph or video.shape[2] < pw:
+    raise BadRecord(f"video of shape {video.shape} is smaller than one patch {spec.patch_size}")
+  if video.dtype.kind == "f" and not np.isfinite(video).all():
+    raise BadRecord("video holds NaN or infinite values")
+  return video
+
+
+def prepare_clip(record: dict, spec: ClipSpec, rng: np.random.Generator) -> dict:
+  """A record -> its cropped, resized latent clip (T, H, W, C), divisible into patches.
+
+  Returns latent, actions (T, A) of the same frames and truncated (whether the clip had to be
+  cut beyond its random crop to fit max_tokens). Raises BadRecord.
+  """
+  video = _check(record, spec)
+  (t, h, w, _), (pt, ph, pw) = video.shape, spec.patch_size
+  actions = np.asarray(record.get("actions", np.zeros((t, 0))), np.float32)
+  if len(actions) != t:
+    raise BadRecord(f"{len(actions)} actions for {t} frames")
+  frames = int(rng.integers(min(spec.min_frames, t), min(spec.max_frames, t) + 1))
+  gt, gh, gw = max(frames // pt, 1), h // ph, w // pw
+  truncated = False
+  if gt * gh * gw > spec.max_tokens:
+    if spec.downscale:                      # keep the duration, shrink the frames
+      if gt > spec.max_tokens:
+        gt, truncated = spec.max_tokens, True
+      gh, gw = _fit_area(h / ph, w / pw, spec.max_tokens // gt)
+    elif gh * gw <= spec.max_tokens:        # native: keep the frames, shorten the clip
+      gt, truncated = spec.max_tokens // (gh * gw), True
+    else:                                   # one latent frame is over budget: shrink it
+      gt, truncated = 1, True
+      gh, gw = _fit_area(h / ph, w / pw, spec.max_tokens)
+  start = int(rng.integers(0, t - gt * pt + 1))
+  video = video[start:start + gt * pt]
+  if (gh, gw) == (h // ph, w // pw):        # native: centre-crop to whole patches
+    top, left = (h - gh * ph) // 2, (w - gw * pw) // 2
+    video = video[:, top:top + gh * ph, left:left + gw * pw]
+  else:
+    video = _resize(video, gh * ph, gw * pw)
+  return {"latent": pixels_to_latent(video),
+          "actions": actions.reshape(t, -1)[start:start + gt * pt],
+          "truncated": truncated}
+
+
 class ClipToTokens(grain.transforms.Map):
-  """A clip record -> its spacetime-patch tokens, positions and segment ids."""
+  """(epoch, clip index) -> the clip's tokens, positions and metadata, or a bad-record marker."""
 
-  def __init__(self, patch_size: Sequence[int]):
-    self.patch_size = tuple(patch_size)
+  def __init__(self, source, spec: ClipSpec, seed: int):
+    self.source, self.spec, self.seed = source, spec, seed
 
-  def map(self, record: dict) -> dict:
-    latent = pixels_to_latent(record["video"])
-    grid = patches.grid_shape(latent.shape, self.patch_size)
-    tokens = patches.patchify(latent, self.patch_size)
-    return {"tokens": tokens, "positions": patches.positions(grid),
-            "segment_ids": np.ones(tokens.shape[0], np.int32)}
+  def map(self, epoch_and_index) -> dict:
+    epoch, index = (int(i) for i in epoch_and_index)
+    record = self.source[index]
+    try:
+      clip = prepare_clip(record, self.spec, crop_rng(self.seed, epoch, index))
+    except BadRecord as e:
+      logging.log_first_n(logging.WARNING, "Skipping clip %d: %s", 10, index, e)
+      return {"bad": str(e)}
+    grid = patches.grid_shape(clip["latent"].shape, self.spec.patch_size)
+    caption = record.get("caption", b"")
+    return {"tokens": patches.patchify(clip["latent"], self.spec.patch_size),
+            "positions": patches.positions(grid),
+            "clip_grid": np.array(grid, np.int32),
+            "caption": caption.decode() if isinstance(caption, bytes) else str(caption),
+            "actions": clip["actions"], "clip_index": index, "clip_epoch": epoch,
+            "truncated": int(clip["truncated"])}
+
+
+class _SkipBadRecords(grain.IterDataset):
+  """Drops the records ClipToTokens marked bad; each clip carries the number dropped just
+  before it (`skipped`), so the count survives worker processes, and the state is the
+  parent's alone (nothing is pending between two clips)."""
+
+  def __init__(self, parent: grain.IterDataset, max_in_a_row: int):
+    super().__init__(parent)
+    self.max_in_a_row = max_in_a_row
+
+  def __iter__(self):
+    return _SkipBadRecordsIterator(self._parent.__iter__(), self.max_in_a_row)
+
+
+class _SkipBadRecordsIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, max_in_a_row: int):
+    super().__init__(parent)
+    self.max_in_a_row = max_in_a_row
+
+  def __next__(self) -> dict:
+    skipped = 0
+    while "bad" in (element := next(self._parent)):
+      skipped += 1
+      if skipped >= self.max_in_a_row:    # better to stop than to spin forever
+        raise ValueError(f"{skipped} records in a row were bad (last: {element['bad']}); "
+                         "check config.data.source, channels and the patch size")
+    return element | {"skipped": skipped}
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class PackedRow(grain.transforms.Map):
+  """A row of grain's packer -> the batch contract: segment ids, our own (t, h, w) positions
+  (grain's are 1-D), per-clip metadata padded to max_clips."""
+
+  def __init__(self, max_clips: int, max_frames: int):
+    self.max_clips, self.max_frames = max_clips, max_frames
+
+  def _pad(self, values, fill, dtype) -> np.ndarray:
+    values = np.asarray(values, dtype)
+    out = np.full((self.max_clips, *values.shape[1:]), fill, dtype)
+    out[:len(values)] = values
+    return out
+
+  def map(self, row: dict) -> dict:
+    batch_row = {"tokens": row["tokens"], "positions": row["positions"],
+                 "segment_ids": row["tokens_segment_ids"],
+                 "clip_grid": self._pad(row["clip_grid"], 0, np.int32),
+                 "captions": self._pad(row["caption"], "", object),
+                 "clip_index": self._pad(row["clip_index"], -1, np.int32),
+                 "clip_epoch": self._pad(row["clip_epoch"], -1, np.int32),
+                 "num_skipped": np.int32(sum(row["skipped"])),
+                 "num_truncated": np.int32(sum(row["truncated"]))}
+    action_dim = row["actions"][0].shape[1]
+    if action_dim:  # worker processes cannot ship empty arrays (zero-byte shared memory)
+      actions = np.zeros((self.max_clips, self.max_frames, action_dim), np.float32)
+      for m, clip_actions in enumerate(row["actions"]):
+        actions[m, :len(clip_actions)] = clip_actions
+      batch_row["actions"] = actions
+    return batch_row
 
 
 def make_source(data_cfg, seed: int):
-  if data_cfg.source == "shapes":
-    return ShapesSource(num_clips=data_cfg.num_clips, num_frames=data_cfg.num_frames,
-                        height=data_cfg.height, width=data_cfg.width,
-                        max_shapes=data_cfg.max_shapes, seed=seed)
-  raise ValueError(f"config.data.source={data_cfg.source!r} is not a known source; use 'shapes'")
+  """The random-access source of clips that config.data.source names."""
+  d = data_cfg
+  if d.source == "shapes":
+    return ShapesSource(num_clips=d.num_clips, min_frames=d.min_frames, max_frames=d.max_frames,
+                        min_side=d.min_side, max_side=d.max_side, max_shapes=d.max_shapes,
+                        seed=seed)
+  # The TFDS sources import TFDS (and pymunk / PyAV / ALE) only when used.
+  if d.source == "physics_world":
+    from data_pipelines import physics_world
+    builder = physics_world.build(d.data_dir, num_clips=d.num_clips, seed=seed,  # no-op if built
+                                  min_side=d.min_side, max_side=d.max_side,
+                                  min_frames=d.min_frames, max_frames=d.max_frames)
+    return physics_world.load(builder.data_dir)
+  if d.source == "video_folder":
+    from data_pipelines import video_folder
+    return video_folder.load(d.data_dir)
+  if d.source == "atari":
+    from data_pipelines import atari
+    return atari.load(d.data_dir)
+  raise ValueError(f"config.data.source={d.source!r} is not a known source; choose from {SOURCES}")
 
 
 def make_dataset(data_cfg, patch_size, seed: int, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
-  """The training stream of this host: an endless IterDataset of local batches."""
-  if data_cfg.batch_size % process_count:
-    raise ValueError(f"config.data.batch_size={data_cfg.batch_size} must divide over "
+  """The training stream of this host: an endless IterDataset of local packed batches."""
+  d = data_cfg
+  if d.batch_size % process_count:
+    raise ValueError(f"config.data.batch_size={d.batch_size} must divide over "
                      f"{process_count} hosts")
-  ds = (grain.MapDataset.source(make_source(data_cfg, seed))
+  source = make_source(d, seed)
+  num_clips = len(source)
+  ds = (grain.MapDataset.range(num_clips)
         .shuffle(seed=seed)
-        .repeat(None)
+        .repeat(None)      # after shuffle: every epoch is shuffled with its own seed
+        .map_with_index(lambda position, index: (position // num_clips, index))
         [process_index::process_count]
-        .map(ClipToTokens(patch_size))
-        .batch(data_cfg.batch_size // process_count, drop_remainder=True))
-  ds = ds.to_iter_dataset()
-  if data_cfg.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
+        .map(ClipToTokens(source, clip_spec(d, patch_size), seed))
+        .to_iter_dataset(_READ_OPTIONS))
+  ds = _SkipBadRecords(ds, max_in_a_row=num_clips)
+  ds = grain.experimental.BestFitPackIterDataset(
+      ds, length_struct={"tokens": d.token_budget, "positions": d.token_budget},
+      num_packing_bins=d.packing_bins, seed=seed, meta_features=_CLIP_FIELDS,
+      max_sequences_per_bin=d.max_clips_per_row)
+  ds = (ds.map(PackedRow(d.max_clips_per_row, d.max_frames))
+        .batch(d.batch_size // process_count, drop_remainder=True))
+  if d.worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
   return ds

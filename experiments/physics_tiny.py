@@ -17,15 +17,22 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.stages = ("dit", "samples")
 
   # Until the VAE exists the "latent" is the pixel clip scaled to [-1, 1] (3 channels).
+  # Clips keep their own size and length; the loader packs them into rows of token_budget
+  # tokens (see data_pipelines/loader.py), so one compiled step serves every clip size.
   c.data = ml_collections.ConfigDict()
-  c.data.source = "shapes"            # procedural moving coloured shapes, served by grain
-  c.data.num_clips = 4096
-  c.data.num_frames = 8
-  c.data.height = 16
-  c.data.width = 16
+  c.data.source = "physics_world"     # or shapes (procedural, no build), video_folder, atari
+  c.data.data_dir = ""                # "" = <workdir>/data; built there on first use
+  c.data.num_clips = 512              # clips to build (physics_world) or draw (shapes)
+  c.data.min_side, c.data.max_side = 32, 64       # frame sides when building / drawing
+  c.data.min_frames, c.data.max_frames = 4, 16    # built lengths and the random crop's range
+  c.data.resize = "cap"               # "native": every pixel; "cap": downscale to the cap
+  c.data.max_tokens_per_clip = 256
+  c.data.token_budget = 1024          # tokens per packed row
+  c.data.max_clips_per_row = 16
+  c.data.packing_bins = 32            # rows the packer fills at once (more: less padding)
+  c.data.batch_size = 4               # rows per global batch, split over data x fsdp
   c.data.channels = 3
-  c.data.max_shapes = 2
-  c.data.batch_size = 16              # global batch, split over the data and fsdp axes
+  c.data.max_shapes = 2               # shapes source only
   c.data.worker_count = 0             # grain worker processes; 0 = in the main process
 
   c.model = ml_collections.ConfigDict()
@@ -84,15 +91,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.sample.steps = 32
   c.sample.num_frames = 8
   c.sample.height = 16
-  c.sample.width = 16
+  c.sample.width = 24
   c.sample.fps = 8
 
   if variant != "tiny":
-    # Larger variants: bigger frames and batches; still a single host.
-    c.data.num_frames, c.data.height, c.data.width = 16, 64, 64
-    c.data.max_shapes = 4
-    c.model.patch_size = (2, 4, 4)
+    # Larger variants: native-size clips up to 128 px, long rows; still a single host.
+    c.data.num_clips = 20000
+    c.data.min_side, c.data.max_side = 32, 128
+    c.data.min_frames, c.data.max_frames = 8, 64
+    c.data.max_tokens_per_clip = 4096
+    c.data.token_budget = 4096
     c.data.batch_size = 8
+    c.model.patch_size = (2, 4, 4)
     c.optim.learning_rate = 3e-4
     c.train.steps = 20000
     c.train.save_every = 1000

@@ -13,10 +13,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.fixture
 def tiny_config():
-  """The laptop recipe shrunk further: a few steps of a 2-block model on 8x16x16 clips."""
+  """The laptop recipe shrunk further: a few steps of a 2-block model on packed rows of
+  procedural clips (no dataset build)."""
   from experiments import physics_tiny
   config = physics_tiny.get_config("tiny")
   with config.unlocked():
+    config.data.source = "shapes"
+    config.data.min_side, config.data.max_side = 16, 32
+    config.data.min_frames, config.data.max_frames = 2, 8
+    config.data.max_tokens_per_clip = 128
+    config.data.token_budget = 256
     config.data.batch_size = 8
     config.train.steps = 6
     config.train.save_every = 3

@@ -7,12 +7,12 @@ from worldsim.scaling import flops
 from worldsim.train import trainer
 
 
-@pytest.mark.parametrize("width,depth,heads,frames,side", [(64, 2, 4, 8, 16), (128, 3, 4, 4, 32)])
-def test_analytic_flops_match_xla_cost_analysis(tiny_config, width, depth, heads, frames, side):
+@pytest.mark.parametrize("width,depth,heads,seq_len", [(64, 2, 4, 128), (128, 3, 4, 256)])
+def test_analytic_flops_match_xla_cost_analysis(tiny_config, width, depth, heads, seq_len):
   config = tiny_config
   with config.unlocked():
     config.model.width, config.model.depth, config.model.num_heads = width, depth, heads
-    config.data.num_frames, config.data.height, config.data.width = frames, side, side
+    config.data.token_budget = seq_len
     config.data.batch_size, config.mesh.data = 2, 1
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
   setup = trainer.build(config, mesh)
@@ -20,7 +20,7 @@ def test_analytic_flops_match_xla_cost_analysis(tiny_config, width, depth, heads
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     cost = setup.train_step.lower(setup.abstract_state, batch).compile().cost_analysis()
   xla = float((cost[0] if isinstance(cost, list) else cost)["flops"])
-  analytic = flops.dit_train_flops(setup.dit_cfg, setup.tokens_per_clip, 2)
+  analytic = flops.dit_train_flops(setup.dit_cfg, setup.seq_len, 2)
   assert abs(analytic / xla - 1) < 0.15, (analytic, xla)
 
 
@@ -28,7 +28,7 @@ def test_every_parameter_has_logical_axis_names(tiny_config):
   setup = trainer.build(tiny_config, mesh_lib.make_mesh(tiny_config.mesh))
   boxed = jax.eval_shape(setup.model.init, jax.random.PRNGKey(0),
                          *trainer.example_batch(tiny_config).values(),
-                         jax.ShapeDtypeStruct((8, 128), "float32"))
+                         jax.ShapeDtypeStruct((8, 256), "float32"))
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(leaf, nn.Partitioned) for leaf in leaves)
   assert all(len(leaf.names) == leaf.value.ndim for leaf in leaves)

@@ -1,11 +1,11 @@
 """Checks an experiment config before anything compiles; errors name the field and the fix."""
 import jax
 
+from data_pipelines import loader
 from worldsim.models import attention, dit
 from worldsim.parallel import mesh as mesh_lib
 
 STAGES = ("dit", "samples")
-SOURCES = ("shapes",)
 
 
 class ConfigError(ValueError):
@@ -22,14 +22,22 @@ def validate(config, num_devices: int = None) -> None:
   d, m = config.data, config.model
   _check(all(s in STAGES for s in config.stages),
          f"config.stages={tuple(config.stages)} holds an unknown stage; choose from {STAGES}")
-  _check(d.source in SOURCES, f"config.data.source={d.source!r} is unknown; choose from {SOURCES}")
+  _check(d.source in loader.SOURCES,
+         f"config.data.source={d.source!r} is unknown; choose from {loader.SOURCES}")
   _check(len(m.patch_size) == 3 and all(int(p) > 0 for p in m.patch_size),
          f"config.model.patch_size={tuple(m.patch_size)} must be three positive ints (t, h, w)")
-  for field, size, p in (("num_frames", d.num_frames, m.patch_size[0]),
-                         ("height", d.height, m.patch_size[1]), ("width", d.width, m.patch_size[2])):
-    _check(size > 0 and size % p == 0,
-           f"config.data.{field}={size} is not divisible by the patch size {p} on that axis; "
-           f"set --config.data.{field} to a multiple of {p} (e.g. {max(p, size // p * p)})")
+  pt, ph, pw = m.patch_size
+  _check(d.min_side >= max(ph, pw),
+         f"config.data.min_side={d.min_side} is smaller than the patch's height/width "
+         f"{max(ph, pw)}; raise --config.data.min_side to at least {max(ph, pw)}")
+  _check(d.min_frames >= pt,
+         f"config.data.min_frames={d.min_frames} is shorter than the patch's {pt} frames; "
+         f"set --config.data.min_frames >= {pt}")
+  try:
+    loader.clip_spec(d, m.patch_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check(d.token_budget > 0, f"config.data.token_budget={d.token_budget} must be positive")
   _check(m.variant in dit.VARIANTS,
          f"config.model.variant={m.variant!r} is unknown; choose from {tuple(dit.VARIANTS)}")
   width, _, heads = dit.VARIANTS[m.variant]
@@ -52,6 +60,9 @@ def validate(config, num_devices: int = None) -> None:
   _check(d.batch_size % shards == 0,
          f"config.data.batch_size={d.batch_size} must be divisible by data x fsdp = {shards} "
          f"(the batch is split over those mesh axes); use a multiple of {shards}")
+  _check(d.token_budget % sizes["context"] == 0,
+         f"config.data.token_budget={d.token_budget} must be divisible by the context axis "
+         f"({sizes['context']}), which splits each row's tokens")
   _check(config.optim.learning_rate > 0, "config.optim.learning_rate must be > 0")
   _check(config.train.steps > 0, "config.train.steps must be > 0")
   _check(config.train.save_every > 0, "config.train.save_every must be > 0")

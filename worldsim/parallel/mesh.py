@@ -78,6 +78,9 @@ def sharded_init(init_fn: Callable, shardings) -> Callable:
 
 
 def global_batch(local_batch: dict, shardings: dict) -> dict:
-  """Assembles per-host numpy batches into global jax.Arrays laid out by `shardings`."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-          for k, v in local_batch.items()}
+  """Assembles the per-host numpy arrays named in `shardings` into global jax.Arrays.
+
+  Other keys of the batch (host-side metadata such as captions) are left out.
+  """
+  return {k: jax.make_array_from_process_local_data(s, np.asarray(local_batch[k]))
+          for k, s in shardings.items()}

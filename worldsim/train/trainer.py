@@ -5,6 +5,7 @@ calling it with different ones. The loop fetches each step's metrics one step la
 host never waits for the device to finish a step before dispatching the next.
 """
 import functools
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from data_pipelines import loader
@@ -36,17 +38,35 @@ class Setup(NamedTuple):
   batch_shardings: dict
   init: Callable               # rng -> sharded TrainState
   train_step: Callable         # (state, batch) -> (state, metrics); donates state
-  tokens_per_clip: int
+  seq_len: int                 # tokens per packed row
 
 
 def example_batch(config) -> dict:
-  """Zeros shaped like one global batch (for shapes only)."""
-  d, patch = config.data, tuple(config.model.patch_size)
-  grid = patches.grid_shape((d.num_frames, d.height, d.width), patch)
-  seq_len, token_dim = int(np.prod(grid)), patches.token_dim(patch, d.channels)
-  return {"tokens": jnp.zeros((d.batch_size, seq_len, token_dim), jnp.float32),
-          "positions": jnp.zeros((d.batch_size, seq_len, 3), jnp.int32),
-          "segment_ids": jnp.ones((d.batch_size, seq_len), jnp.int32)}
+  """Zeros shaped like one global packed batch (for shapes only)."""
+  d = config.data
+  token_dim = patches.token_dim(tuple(config.model.patch_size), d.channels)
+  return {"tokens": jnp.zeros((d.batch_size, d.token_budget, token_dim), jnp.float32),
+          "positions": jnp.zeros((d.batch_size, d.token_budget, 3), jnp.int32),
+          "segment_ids": jnp.ones((d.batch_size, d.token_budget), jnp.int32)}
+
+
+def data_config(config, workdir):
+  """config.data with data_dir resolved (<workdir>/data when the config leaves it empty)."""
+  d = config.data.copy_and_resolve_references()
+  with d.unlocked():
+    d.data_dir = d.data_dir or os.path.join(os.fspath(workdir), "data")
+  return d
+
+
+def open_data(config, workdir):
+  """This host's iterator over packed batches; process 0 builds a missing dataset first."""
+  d = data_config(config, workdir)
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      loader.make_source(d, config.seed)
+    multihost_utils.sync_global_devices("worldsim: dataset built")
+  return iter(loader.make_dataset(d, config.model.patch_size, config.seed,
+                                  jax.process_index(), jax.process_count()))
 
 
 def build(config, mesh) -> Setup:
@@ -73,8 +93,7 @@ def train(config, workdir) -> None:
   mesh = mesh_lib.make_mesh(config.mesh)
   setup = build(config, mesh)
   total_steps = config.train.steps
-  data_iter = iter(loader.make_dataset(config.data, config.model.patch_size, config.seed,
-                                       jax.process_index(), jax.process_count()))
+  data_iter = open_data(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, config.train.save_every, config.train.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir)
 
@@ -90,14 +109,18 @@ def train(config, workdir) -> None:
       ckpt.close()
       return
 
-    step_flops = flops.dit_train_flops(setup.dit_cfg, setup.tokens_per_clip, config.data.batch_size)
+    step_flops = flops.dit_train_flops(setup.dit_cfg, setup.seq_len, config.data.batch_size)
     peak_flops = flops.measure_matmul_flops() * jax.device_count()
-    tokens_per_step = setup.tokens_per_clip * config.data.batch_size
     pending, last_log = None, None         # last_log: (step, time) when its metrics arrived
+    real_tokens = skipped = truncated = 0  # host-side counts since the last log / the start
     progress = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="dit",
                     disable=jax.process_index() != 0)
     for step in progress:
-      batch = mesh_lib.global_batch(next(data_iter), setup.batch_shardings)
+      host_batch = next(data_iter)
+      real_tokens += int((host_batch["segment_ids"] > 0).sum())
+      skipped += int(host_batch["num_skipped"].sum())
+      truncated += int(host_batch["num_truncated"].sum())
+      batch = mesh_lib.global_batch(host_batch, setup.batch_shardings)
       state, step_metrics = setup.train_step(state, batch)
       if pending is not None:                      # the previous step's metrics, now ready
         done_step, done_metrics = pending
@@ -105,9 +128,13 @@ def train(config, workdir) -> None:
         now = time.perf_counter()
         if done_step % config.train.log_every == 0 or last_log is None:
           if last_log is not None:                 # no rate for the step that compiled
-            rate = (done_step - last_log[0]) / (now - last_log[1])
-            row.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step,
+            seconds = now - last_log[1]
+            rate = (done_step - last_log[0]) / seconds
+            # tokens_per_sec counts real tokens (padding excluded), over the same window.
+            row.update(steps_per_sec=rate, tokens_per_sec=real_tokens / seconds,
                        mfu=rate * step_flops / peak_flops)
+          row.update(skipped_clips=skipped, truncated_clips=truncated)
+          real_tokens = 0
           writer.write(done_step, row)
           progress.set_postfix(loss=f"{row['loss']:.4f}")
           last_log = (done_step, now)
