@@ -28,6 +28,7 @@ def main():
   p.add_argument("--frames", type=int, default=8)
   p.add_argument("--side", type=int, default=32)     # 8 x 32 x 32 with (1, 4, 4) patches: 512 tokens
   p.add_argument("--batch", type=int, default=4)     # rows: 4 x 512 = 2048 tokens per step
+  p.add_argument("--attention", default="xla")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--matmul_n", type=int, default=2048)
   args = p.parse_args()
@@ -35,6 +36,7 @@ def main():
   config = physics_tiny.get_config(args.variant)
   with config.unlocked():
     config.model.patch_size = (1, 4, 4)
+    config.model.attention = args.attention
     config.data.token_budget = args.frames * (args.side // 4) ** 2    # one clip per row
     config.data.batch_size = args.batch
     config.mesh.data = 1
@@ -61,7 +63,7 @@ def main():
   step_time = float(np.median(times))
   mfu = analytic / step_time / peak
   result = {
-      "benchmark": "mfu", "device": jax.devices()[0].device_kind, "variant": args.variant,
+      "benchmark": "mfu", "device": jax.devices()[0].device_kind, "variant": args.variant, "attention": args.attention,
       "tokens_per_step": setup.seq_len * args.batch,
       "analytic_flops_per_step": analytic, "xla_flops_per_step": xla_flops,
       "analytic_over_xla": analytic / xla_flops, "step_time_s": step_time,

@@ -227,3 +227,47 @@ def test_physics_world_flows_through_with_varied_shapes(tmp_path):
   assert batch["captions"][row, m] == record["caption"].decode()
   np.testing.assert_array_equal(batch["actions"][row, m, :frames], clip["actions"])
   assert (batch["actions"][row, m, frames:] == 0).all()
+
+
+def _assert_source_flows_through(d, source, action_dim):
+  batches = _batches(d, 2)
+  spec = loader.clip_spec(d, PATCH)
+  for batch in batches:
+    _assert_segments_well_formed(batch, d)
+    if action_dim:
+      assert batch["actions"].shape[-1] == action_dim
+  clips = list(_clips(batches))
+  assert clips
+  for epoch, index, tokens, _, grid in clips:
+    clip = loader.prepare_clip(source[index], spec, loader.crop_rng(SEED, epoch, index))
+    np.testing.assert_array_equal(patches.unpatchify(tokens, grid, PATCH, 3), clip["latent"])
+
+
+def test_atari_episodes_flow_through(tmp_path):
+  from data_pipelines import atari
+  atari.build(tmp_path, games=("pong",), episodes_per_game=1, max_episode_steps=40,
+              frame_shape=(32, 32), clip_frames=8, min_clip_frames=4)
+  d = data_config_for_tests(source="atari", data_dir=str(tmp_path), min_frames=4, max_frames=8,
+                            token_budget=512, packing_bins=2, batch_size=2)
+  _assert_source_flows_through(d, atari.load(tmp_path), action_dim=1)
+
+
+def test_video_folder_clips_flow_through(tmp_path):
+  import av
+  from data_pipelines import video_folder
+  videos = tmp_path / "videos"
+  videos.mkdir()
+  rng = np.random.default_rng(0)
+  for name, (h, w) in {"wide": (24, 40), "tall": (40, 24)}.items():
+    with av.open(str(videos / f"{name}.mp4"), "w") as container:
+      stream = container.add_stream("libx264", rate=8)
+      stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
+      for _ in range(12):
+        frame = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+      container.mux(stream.encode())
+  video_folder.build(tmp_path / "data", videos, clip_frames=12, min_clip_frames=4)
+  d = data_config_for_tests(source="video_folder", data_dir=str(tmp_path / "data"),
+                            min_frames=4, max_frames=8, token_budget=512, packing_bins=2,
+                            batch_size=2)
+  _assert_source_flows_through(d, video_folder.load(tmp_path / "data"), action_dim=0)

@@ -42,6 +42,7 @@ class DiTConfig:
   num_heads: int
   mlp_ratio: float = 4.0
   attention: str = "xla"
+  causal: bool = False      # block-causal by latent frame: a frame sees itself and the past
   dtype: str = "float32"
   rope_theta: float = 10000.0
 
@@ -70,6 +71,7 @@ def config_from(model_cfg, token_dim: int) -> DiTConfig:
       num_heads=model_cfg.num_heads or heads,
       mlp_ratio=model_cfg.mlp_ratio,
       attention=model_cfg.attention,
+      causal=model_cfg.causal,
       dtype=model_cfg.dtype)
 
 
@@ -163,7 +165,9 @@ class Block(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
-    o = attention_lib.attention(q, k, v, segment_ids, implementation=cfg.attention)
+    # positions[..., 0] is each token's latent frame within its own clip.
+    o = attention_lib.attention(q, k, v, segment_ids, implementation=cfg.attention,
+                                q_frames=positions[..., 0], causal=cfg.causal)
     o = Einsum("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width),
                ("heads", "kv", "embed"), dtype=cfg.dtype, name="out",
                init=nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2))(o)
