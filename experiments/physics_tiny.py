@@ -54,6 +54,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # larger clips need more noise to destroy the same amount of structure.
   c.diffusion.shift_base_tokens = 256
   c.diffusion.max_shift = 4.0
+  # Share of clips trained with one t per latent frame (diffusion forcing) instead of one t
+  # per clip: what lets the model continue clips and roll out chunk by chunk.
+  c.diffusion.per_frame_noise = 0.5
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3

@@ -58,3 +58,27 @@ def test_variant_table_builds_every_size():
 def nn_unbox(tree):
   import flax.linen as nn
   return nn.unbox(tree)
+
+
+def test_packed_row_gives_each_clip_the_output_it_gets_alone():
+  model = dit.DiT(dit.DiTConfig(token_dim=12, width=48, depth=2, num_heads=4))
+  rng = np.random.default_rng(0)
+  grids = [(2, 3, 4), (1, 5, 2), (3, 2, 2)]
+  clips = [(rng.normal(size=(int(np.prod(g)), 12)).astype(np.float32), patches.positions(g),
+            rng.uniform(size=())) for g in grids]
+  budget = sum(len(c[0]) for c in clips) + 5                   # trailing padding too
+  tokens, pos = np.zeros((1, budget, 12), np.float32), np.zeros((1, budget, 3), np.int32)
+  seg, t = np.zeros((1, budget), np.int32), np.zeros((1, budget), np.float32)
+  start = 0
+  for i, (x, p, level) in enumerate(clips):
+    end = start + len(x)
+    tokens[0, start:end], pos[0, start:end], seg[0, start:end], t[0, start:end] = x, p, i + 1, level
+    start = end
+  params = _perturbed(nn_unbox(model.init(jax.random.PRNGKey(0), tokens, pos, seg, t)))
+  packed = model.apply(params, tokens, pos, seg, t)
+  start = 0
+  for x, p, level in clips:
+    alone = model.apply(params, x[None], p[None], np.ones((1, len(x)), np.int32),
+                        np.full((1, len(x)), level, np.float32))
+    np.testing.assert_allclose(packed[0, start:start + len(x)], alone[0], atol=1e-5)
+    start += len(x)

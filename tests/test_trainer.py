@@ -76,7 +76,7 @@ def test_resuming_continues_with_the_same_losses(tiny_config, tmp_path):
 
 MAIN_ARGS = ["--config=experiments/physics_tiny.py", "--config.train.steps=150",
              "--config.train.log_every=10", "--config.sample.num_videos=2",
-             "--config.sample.steps=8"]
+             "--config.sample.steps=8", "--config.data.num_clips=64"]
 
 
 def run_main(workdir):
@@ -118,3 +118,17 @@ def test_sample_returns_uint8_video_of_any_patch_multiple_size(trained_workdir):
   assert not np.array_equal(video, other)
   with pytest.raises(ValueError, match="multiples of the patch size"):
     worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=23, width=16)
+
+
+def test_sample_continues_clean_context_frames_unchanged(trained_workdir):
+  import worldsim
+  first = worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=16, width=16,
+                          steps=4, seed=3)
+  context = first[:2]
+  video = worldsim.sample(checkpoint=str(trained_workdir), num_frames=6, steps=4, seed=4,
+                          context=context)
+  assert video.shape == (6, 16, 16, 3)
+  np.testing.assert_array_equal(video[:2], context)
+  assert not np.array_equal(video[2:4], first[2:4])     # new frames are generated, not copied
+  with pytest.raises(ValueError, match="fewer than num_frames"):
+    worldsim.sample(checkpoint=str(trained_workdir), num_frames=2, context=context)

@@ -63,6 +63,9 @@ def validate(config, num_devices: int = None) -> None:
   _check(d.token_budget % sizes["context"] == 0,
          f"config.data.token_budget={d.token_budget} must be divisible by the context axis "
          f"({sizes['context']}), which splits each row's tokens")
+  _check(0.0 <= config.diffusion.per_frame_noise <= 1.0,
+         f"config.diffusion.per_frame_noise={config.diffusion.per_frame_noise} is a share: "
+         f"set it between 0 and 1")
   _check(config.optim.learning_rate > 0, "config.optim.learning_rate must be > 0")
   _check(config.train.steps > 0, "config.train.steps must be > 0")
   _check(config.train.save_every > 0, "config.train.save_every must be > 0")

@@ -43,35 +43,62 @@ class WorldSim:
 
   def sample(self, caption: Optional[str] = None, *, num_frames: Optional[int] = None,
              height: Optional[int] = None, width: Optional[int] = None,
-             steps: Optional[int] = None, seed: int = 0) -> np.ndarray:
-    """One clip as uint8 (T, H, W, 3). Sizes default to the config's `sample` block."""
+             steps: Optional[int] = None, seed: int = 0,
+             context: Optional[np.ndarray] = None) -> np.ndarray:
+    """One clip as uint8 (T, H, W, 3). Sizes default to the config's `sample` block.
+
+    `context`: uint8 (Tc, H, W, 3) clean frames the clip continues from (image-to-video with
+    Tc = 1 patch of frames, extension with more); they are held at noise level 0 and come
+    back unchanged as the clip's first Tc frames. Tc must be a multiple of the patch's frames
+    and H, W default to the context's.
+    """
     if caption is not None:
       logging.warning("captions are not used yet: this model is unconditional")
     s = self.config.sample
+    if context is not None:
+      context = np.asarray(context)
+      if context.ndim != 4 or context.dtype != np.uint8 or context.shape[-1] != self.channels:
+        raise ValueError(f"context must be uint8 (Tc, H, W, {self.channels}), got "
+                         f"{context.dtype} {context.shape}")
+      height, width = height or context.shape[1], width or context.shape[2]
+      if context.shape[1:3] != (height, width):
+        raise ValueError(f"context frames are {context.shape[1:3]}, the clip is {(height, width)}")
     shape = (num_frames or s.num_frames, height or s.height, width or s.width)
     try:
       grid = patches.grid_shape(shape, self.patch_size)
     except ValueError:
       raise ValueError(f"(num_frames, height, width)={shape} must be multiples of the patch "
                        f"size {self.patch_size}") from None
-    latent = self._generate(grid, steps or s.steps, seed)
+    num_context = 0
+    context_tokens = np.zeros((0, patches.token_dim(self.patch_size, self.channels)), np.float32)
+    if context is not None:
+      if len(context) % self.patch_size[0] or len(context) >= shape[0]:
+        raise ValueError(f"{len(context)} context frames: need a multiple of "
+                         f"{self.patch_size[0]} and fewer than num_frames={shape[0]}")
+      context_tokens = patches.patchify(loader.pixels_to_latent(context), self.patch_size)
+      num_context = len(context_tokens)
+    latent = self._generate(grid, steps or s.steps, seed, num_context, context_tokens)
     return loader.latent_to_pixels(patches.unpatchify(latent, grid, self.patch_size, self.channels))
 
-  @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-  def _generate(self, grid, steps, seed):
+  @functools.partial(jax.jit, static_argnums=(0, 1, 2, 4))   # seed and context are traced
+  def _generate(self, grid, steps, seed, num_context, context_tokens):
     seq_len = int(np.prod(grid))
     positions = jnp.asarray(patches.positions(grid))[None]
     segment_ids = jnp.ones((1, seq_len), jnp.int32)
     noise = jax.random.normal(jax.random.PRNGKey(seed),
                               (1, seq_len, patches.token_dim(self.patch_size, self.channels)))
+    # Context tokens come first (frame-major order); they stay clean: t = 0 and v = 0.
+    is_context = (jnp.arange(seq_len) < num_context)[None, :, None]
+    start = noise.at[:, :num_context].set(context_tokens)
     d = self.config.diffusion
     shift = flow.shift_for_tokens(seq_len, d.shift_base_tokens, d.max_shift)
 
     def velocity(x, t):
-      return self.model.apply({"params": self.params}, x, positions, segment_ids,
-                              jnp.full((1, seq_len), t))
+      level = jnp.where(is_context[..., 0], 0.0, t)
+      v = self.model.apply({"params": self.params}, x, positions, segment_ids, level)
+      return jnp.where(is_context, 0.0, v)
 
-    return samplers.euler(velocity, noise, steps, shift)[0]
+    return samplers.euler(velocity, start, steps, shift)[0]
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,10 +109,14 @@ def load(workdir, step: Optional[int] = None) -> WorldSim:
 
 def sample(caption: Optional[str] = None, *, checkpoint: str, num_frames: Optional[int] = None,
            height: Optional[int] = None, width: Optional[int] = None,
-           steps: Optional[int] = None, seed: int = 0) -> np.ndarray:
-  """Generates one clip with the model trained in `checkpoint` (a workdir): uint8 (T, H, W, 3)."""
+           steps: Optional[int] = None, seed: int = 0,
+           context: Optional[np.ndarray] = None) -> np.ndarray:
+  """Generates one clip with the model trained in `checkpoint` (a workdir): uint8 (T, H, W, 3).
+
+  See WorldSim.sample for `context` (clean frames to continue from).
+  """
   return load(str(checkpoint)).sample(caption, num_frames=num_frames, height=height, width=width,
-                                      steps=steps, seed=seed)
+                                      steps=steps, seed=seed, context=context)
 
 
 def write_samples(config, workdir) -> None:

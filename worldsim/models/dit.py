@@ -13,15 +13,27 @@ of its own. Per-block projections of a per-token condition would cost 6 D^2 mult
 per token per layer (a quarter of the block); the shared projection costs that once. The
 shared projection and the output layer start at zero, so every block is the identity at
 initialisation, as adaLN-Zero intends.
+
+Block-causal rollouts (`causal=True`) keep a KV cache of the clean past, so a new chunk of
+frames costs attention over the past, not a forward pass of it:
+  cache = empty_cache(cfg, batch, capacity)
+  cache = model.apply(v, context, pos, seg, cache, method=DiT.append_to_cache)  # noise level 0
+  velocity = model.apply(v, chunk, chunk_pos, chunk_seg, t, kv_cache=cache)    # per Euler step
+  cache = model.apply(v, done_chunk, chunk_pos, chunk_seg, cache, method=DiT.append_to_cache)
+which gives the velocities of the full block-causal forward over [past; chunk]. `rollout` runs
+that loop with Euler steps per chunk.
 """
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
+import chex
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from worldsim.diffusion import samplers
 from worldsim.models import attention as attention_lib
 
 # name: (width, depth, heads); the DiT paper's S/B/L/XL, and a CPU-sized tiny.
@@ -142,11 +154,79 @@ def _modulate(x, shift, scale):
   return x * (1 + scale) + shift
 
 
+# The segment id of unwritten cache slots. Real ids are >= 0, so no query sees an empty slot.
+_EMPTY_SLOT = -1
+
+
+@flax.struct.dataclass
+class KVCache:
+  """The clean past of a block-causal rollout: every block's keys and values, preallocated.
+
+  The capacity C is fixed when the cache is made, so every rollout step has one static shape
+  and compiles once; each write lands at the running `length` (dynamic_update_slice).
+    keys, values  tuples over blocks of (B, C, N, H); keys after QK-norm and RoPE, so a cached
+                  key never needs its position again
+    segment_ids   (B, C) int32, the clip of each cached token; _EMPTY_SLOT where unwritten
+    frames        (B, C) int32, the latent frame of each cached token (the block-causal mask)
+    length        () int32, the slots written so far
+  Segment ids and frames are the same in every block, so they are kept once.
+  """
+  keys: tuple
+  values: tuple
+  segment_ids: jax.Array
+  frames: jax.Array
+  length: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return self.segment_ids.shape[1]
+
+
+def empty_cache(cfg: DiTConfig, batch: int, capacity: int) -> KVCache:
+  """A cache with room for `capacity` tokens per row: the past plus one chunk, since a chunk's
+  own keys are written next to the past while it is denoised."""
+  zeros = jnp.zeros((batch, capacity, cfg.num_heads, cfg.head_dim), cfg.dtype)
+  return KVCache(keys=(zeros,) * cfg.depth, values=(zeros,) * cfg.depth,
+                 segment_ids=jnp.full((batch, capacity), _EMPTY_SLOT, jnp.int32),
+                 frames=jnp.zeros((batch, capacity), jnp.int32),
+                 length=jnp.zeros((), jnp.int32))
+
+
+def _check_room(cache: KVCache, new_tokens: int):
+  """Fails loudly where it can: dynamic_update_slice clamps its start index, so writing past
+  the capacity would silently overwrite the newest cached tokens. Under jit `length` is traced
+  and the caller must size the cache (as `rollout` does)."""
+  try:
+    length = int(cache.length)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    return
+  if length + new_tokens > cache.capacity:
+    raise ValueError(f"the KV cache holds {length} of {cache.capacity} tokens and cannot take "
+                     f"{new_tokens} more: make it with empty_cache(..., capacity) of at least "
+                     f"the past plus one chunk")
+
+
+class _BlockCache(NamedTuple):
+  """What one block reads of a KVCache; segment ids and frames already include the chunk."""
+  keys: jax.Array
+  values: jax.Array
+  segment_ids: jax.Array
+  frames: jax.Array
+  start: jax.Array       # where the chunk's own keys and values go
+
+
+def _write(buffer, update, start):
+  """Writes update (B, Lc, ...) into buffer (B, C, ...) at slot `start` of the length axis."""
+  return jax.lax.dynamic_update_slice_in_dim(buffer, update.astype(buffer.dtype), start, axis=1)
+
+
 class Block(nn.Module):
   cfg: DiTConfig
 
   @nn.compact
-  def __call__(self, x, modulation, positions, segment_ids):
+  def __call__(self, x, modulation, positions, segment_ids, cache: Optional[_BlockCache] = None):
+    """-> (x, (keys, values)): the keys and values attended to, i.e. the tokens' own, or with a
+    cache, the cache's buffers with the tokens' own written in."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     table = self.param("modulation_table", _param(nn.initializers.zeros, (None, "embed")),
                        (6, cfg.width))
@@ -166,8 +246,19 @@ class Block(nn.Module):
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
     # positions[..., 0] is each token's latent frame within its own clip.
-    o = attention_lib.attention(q, k, v, segment_ids, implementation=cfg.attention,
-                                q_frames=positions[..., 0], causal=cfg.causal)
+    if cache is None:
+      o = attention_lib.attention(q, k, v, segment_ids, implementation=cfg.attention,
+                                  q_frames=positions[..., 0], causal=cfg.causal)
+    else:
+      # The chunk's keys join the past in the buffer, so attention runs over one static length;
+      # unwritten slots are masked by their segment id, later frames by the causal mask.
+      k = nn.with_logical_constraint(_write(cache.keys, k, cache.start),
+                                     ("batch", "length", "heads", "kv"))
+      v = nn.with_logical_constraint(_write(cache.values, v, cache.start),
+                                     ("batch", "length", "heads", "kv"))
+      o = attention_lib.attention(q, k, v, segment_ids, implementation=cfg.attention,
+                                  kv_segment_ids=cache.segment_ids, q_frames=positions[..., 0],
+                                  kv_frames=cache.frames, causal=cfg.causal)
     o = Einsum("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width),
                ("heads", "kv", "embed"), dtype=cfg.dtype, name="out",
                init=nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2))(o)
@@ -183,15 +274,40 @@ class Block(nn.Module):
                  kernel_init=_param(nn.initializers.lecun_normal(), ("mlp", "embed")),
                  bias_init=_param(nn.initializers.zeros, ("embed",)))(h)
     x = x + gate_m * h
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), (k, v)
 
 
 class DiT(nn.Module):
   cfg: DiTConfig
 
+  def __call__(self, tokens, positions, segment_ids, noise_level,
+               kv_cache: Optional[KVCache] = None):
+    """The velocity (B, L, P) float32.
+
+    With kv_cache (causal models only), the tokens are a chunk that also attends to the cached
+    past, and the velocity equals the full block-causal forward's over [past; chunk] at these
+    tokens. The cache is read, not changed: `append_to_cache` adds a finished chunk.
+    """
+    return self._forward(tokens, positions, segment_ids, noise_level, kv_cache)[0]
+
+  def append_to_cache(self, tokens, positions, segment_ids, kv_cache: KVCache) -> KVCache:
+    """Runs clean tokens (noise level 0) attending to the cache and to themselves, and returns
+    the cache with their keys and values appended: the context frames at the start of a
+    rollout (into an empty cache), then each finished chunk. Under jit the unused velocity is
+    dead code, so this costs the blocks' forward up to the last block's keys and values."""
+    noise_level = jnp.zeros(segment_ids.shape, jnp.float32)
+    return self._forward(tokens, positions, segment_ids, noise_level, kv_cache)[1]
+
   @nn.compact
-  def __call__(self, tokens, positions, segment_ids, noise_level):
+  def _forward(self, tokens, positions, segment_ids, noise_level, kv_cache):
+    """-> (velocity, kv_cache with the tokens appended, or None without a cache)."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    if kv_cache is not None:
+      if not cfg.causal:
+        raise ValueError("a KV cache needs a block-causal model (config.model.causal=True): in "
+                         "a bidirectional one the past attends to the future, so its cached "
+                         "keys would change with every new chunk")
+      _check_room(kv_cache, segment_ids.shape[1])
     d = cfg.width
     x = nn.Dense(d, dtype=dtype, name="patch_embed",
                  kernel_init=_param(nn.initializers.lecun_normal(), ("patch", "embed")),
@@ -209,8 +325,24 @@ class DiT(nn.Module):
                         init=nn.initializers.zeros)(nn.silu(c))
     modulation = nn.with_logical_constraint(modulation, ("batch", "length", None, "embed"))
 
+    if kv_cache is not None:
+      chunk_length = segment_ids.shape[1]
+      start = kv_cache.length
+      kv_cache = kv_cache.replace(
+          segment_ids=_write(kv_cache.segment_ids, segment_ids.astype(jnp.int32), start),
+          frames=_write(kv_cache.frames, positions[..., 0].astype(jnp.int32), start),
+          length=start + chunk_length)
+
+    keys, values = [], []
     for i in range(cfg.depth):
-      x = Block(cfg, name=f"block_{i}")(x, modulation, positions, segment_ids)
+      block_cache = None if kv_cache is None else _BlockCache(
+          kv_cache.keys[i], kv_cache.values[i], kv_cache.segment_ids, kv_cache.frames, start)
+      x, (k, v) = Block(cfg, name=f"block_{i}")(x, modulation, positions, segment_ids,
+                                                 block_cache)
+      keys.append(k)
+      values.append(v)
+    if kv_cache is not None:
+      kv_cache = kv_cache.replace(keys=tuple(keys), values=tuple(values))
 
     final_table = self.param("final_table", _param(nn.initializers.zeros, (None, "embed")), (2, d))
     final = (c[:, :, None].astype(jnp.float32) + final_table).astype(dtype)  # (B, L, 2, D)
@@ -219,4 +351,53 @@ class DiT(nn.Module):
     out = nn.Dense(cfg.token_dim, name="head", dtype=dtype,
                    kernel_init=_param(nn.initializers.zeros, ("embed", "patch")),
                    bias_init=_param(nn.initializers.zeros, ("patch",)))(x)
-    return out.astype(jnp.float32)
+    return out.astype(jnp.float32), kv_cache
+
+
+def rollout(model: DiT, variables, context, positions, segment_ids, noise, *, steps: int,
+            shift=1.0):
+  """Generates a clip chunk by chunk after clean context frames, with a KV cache.
+
+    context      (B, Lx, P) clean tokens of the first latent frames (Lx may be 0)
+    positions    (B, Lx + n Lc, 3), segment_ids (B, Lx + n Lc): the whole clip, frame-major
+    noise        (B, n, Lc, P): the starting noise of each of n chunks of Lc tokens
+  Diffusion forcing: each chunk is integrated from its noise with `steps` Euler steps while
+  attending to the cached past at noise level 0; the finished chunk is then run clean once
+  and appended to the cache. Returns (B, Lx + n Lc, P): the context as given, then the chunks.
+  Jit it with `model` and `steps` static (e.g. functools.partial before jax.jit).
+  """
+  b, n, chunk_length, token_dim = noise.shape
+  context_length = context.shape[1]
+  total = context_length + n * chunk_length
+  chex.assert_shape(context, (b, context_length, token_dim))
+  chex.assert_shape(positions, (b, total, 3))
+  chex.assert_shape(segment_ids, (b, total))
+
+  def per_chunk(x):                                           # (B, n Lc, ...) -> (n, B, Lc, ...)
+    return x.reshape(b, n, chunk_length, *x.shape[2:]).swapaxes(0, 1)
+
+  chunks = (noise.swapaxes(0, 1), per_chunk(positions[:, context_length:]),
+            per_chunk(segment_ids[:, context_length:]))
+  # Room for every chunk: the last one's append is wasted work (one clean forward of a chunk in
+  # a rollout of n * steps), but one scan body compiles once.
+  cache = empty_cache(model.cfg, b, total)
+  if context_length:
+    cache = model.apply(variables, context, positions[:, :context_length],
+                        segment_ids[:, :context_length], cache, method=DiT.append_to_cache)
+
+  def generate_and_append(cache, chunk):
+    chunk_noise, chunk_positions, chunk_segment_ids = chunk
+
+    def velocity(x, t):
+      noise_level = jnp.full(chunk_segment_ids.shape, t, jnp.float32)
+      return model.apply(variables, x, chunk_positions, chunk_segment_ids, noise_level,
+                         kv_cache=cache)
+
+    x0 = samplers.euler(velocity, chunk_noise, steps, shift)
+    cache = model.apply(variables, x0, chunk_positions, chunk_segment_ids, cache,
+                        method=DiT.append_to_cache)
+    return cache, x0
+
+  _, generated = jax.lax.scan(generate_and_append, cache, chunks)       # (n, B, Lc, P)
+  generated = generated.swapaxes(0, 1).reshape(b, n * chunk_length, token_dim)
+  return jnp.concatenate([context, generated.astype(context.dtype)], axis=1)

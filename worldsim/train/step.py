@@ -39,16 +39,41 @@ def tokens_per_segment(segment_ids):
   return per_token(counts, segment_ids)
 
 
+def frame_runs(segment_ids, frames):
+  """(B, L) -> (B, L): a run index that changes wherever the (segment, latent frame) changes.
+
+  Tokens are frame-major within a clip, so the tokens of one frame of one clip are a
+  contiguous run; run r's values live in column r of a (B, L) table.
+  """
+  changed = (segment_ids[:, 1:] != segment_ids[:, :-1]) | (frames[:, 1:] != frames[:, :-1])
+  return jnp.concatenate([jnp.zeros_like(segment_ids[:, :1]),
+                          jnp.cumsum(changed, axis=1, dtype=segment_ids.dtype)], axis=1)
+
+
+def sample_noise_levels(rng, segment_ids, frames, diffusion_cfg):
+  """Per-token t: one t per clip, or (diffusion forcing) one t per latent frame of the clip.
+
+  A share `per_frame_noise` of the clips draws a t for each latent frame, so one model learns
+  to denoise a whole clip jointly, to continue clean frames and to roll out chunk by chunk.
+  """
+  d = diffusion_cfg
+  clip_rng, frame_rng, choice_rng = jax.random.split(rng, 3)
+  t_clip = per_token(flow.sample_time(clip_rng, segment_ids.shape, d.logit_normal_mean,
+                                      d.logit_normal_std), segment_ids)
+  t_frame = per_token(flow.sample_time(frame_rng, segment_ids.shape, d.logit_normal_mean,
+                                       d.logit_normal_std), frame_runs(segment_ids, frames))
+  use_frames = per_token(jax.random.uniform(choice_rng, segment_ids.shape) < d.per_frame_noise,
+                         segment_ids)
+  t = jnp.where(use_frames, t_frame, t_clip)
+  shift = flow.shift_for_tokens(tokens_per_segment(segment_ids), d.shift_base_tokens, d.max_shift)
+  return flow.shift_time(t, shift)
+
+
 def dit_loss(params, model, batch, rng, diffusion_cfg):
   """Rectified-flow loss: mean squared velocity error over the real (non-padding) tokens."""
   x0, segment_ids = batch["tokens"], batch["segment_ids"]
   t_rng, eps_rng = jax.random.split(rng)
-  # One t per clip (segment); column s of t_segment belongs to segment id s.
-  t_segment = flow.sample_time(t_rng, segment_ids.shape, diffusion_cfg.logit_normal_mean,
-                               diffusion_cfg.logit_normal_std)
-  shift = flow.shift_for_tokens(tokens_per_segment(segment_ids), diffusion_cfg.shift_base_tokens,
-                                diffusion_cfg.max_shift)
-  t = flow.shift_time(per_token(t_segment, segment_ids), shift)
+  t = sample_noise_levels(t_rng, segment_ids, batch["positions"][..., 0], diffusion_cfg)
   eps = jax.random.normal(eps_rng, x0.shape, x0.dtype)
   v_pred = model.apply({"params": params}, flow.noise(x0, eps, t), batch["positions"],
                        segment_ids, t)

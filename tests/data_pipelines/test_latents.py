@@ -1,0 +1,202 @@
+"""latents: a physics world encoded by a tiny VAE, sharded over 8 CPU devices, read back as a
+TFDS/ArrayRecord dataset without TensorFlow; latents equal a direct encode of the same clip."""
+import json
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data_pipelines import latents, physics_world
+from worldsim.models import vae
+
+MODEL = vae.VAE(vae.VAEConfig.from_variant("tiny"))
+CHANNELS = MODEL.cfg.latent_channels
+
+
+def _random_params(seed=0):
+  """Shapes from eval_shape, values from numpy: compiling threefry init is slow on CPU."""
+  shapes = nn.unbox(jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, 8, 8, 3))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+    elif "bias" in name:
+      value = 0.1 * rng.standard_normal(leaf.shape)
+    else:
+      value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    return jnp.asarray(value, jnp.float32)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@jax.jit
+def _direct_encode(params, pixels):
+  """The reference: encode() of one whole clip, no mesh, no chunks."""
+  x = pixels.astype(jnp.float32) / 127.5 - 1.0
+  return MODEL.apply(params, x[None], method=vae.VAE.encode)[0][0]
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _random_params()
+
+
+@pytest.fixture(scope="module")
+def physics(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("physics_world")
+  # seed 33: 9, 5, 8 and 6 frames; clips 1 and 2 are both 5 x 16 x 16 once cut (one batch)
+  physics_world.build(data_dir, num_clips=4, seed=33, min_side=16, max_side=32, min_frames=5,
+                      max_frames=9, num_workers=1)
+  return physics_world.load(data_dir)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, physics, params):
+  data_dir = tmp_path_factory.mktemp("latents")
+  # chunk_frames=4: clips of 9 frames are coded in two chunks (5 + 4) with the streaming cache.
+  # Two of the 8 CPU devices: the batch is sharded for real, and padded only to 2.
+  mesh = latents.encode.local_mesh(jax.local_devices()[:2])
+  latents.build(data_dir, physics, MODEL, params, name="physics", chunk_frames=4, batch_size=2,
+                mesh=mesh)
+  return data_dir
+
+
+def _assert_equal(a, b):
+  if isinstance(a, dict):
+    assert a.keys() == b.keys()
+    for k in a:
+      _assert_equal(a[k], b[k])
+  else:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_latents_follow_the_frame_rule_and_equal_a_direct_encode(built, physics, params):
+  source = latents.load(built, name="physics")
+  assert len(source) == len(physics) == 4          # 5..9 frames: every clip is encodable
+  assert [source[i]["source_index"] for i in range(len(source))] == [0, 1, 2, 3]
+  streamed = 0
+  for i in range(len(source)):
+    record, original = source[i], physics[i]
+    frames, height, width, _ = original["video"].shape
+    kept = 1 + (frames - 1) // 4 * 4
+    streamed += kept > 5
+    h, w = height // 4 * 4, width // 4 * 4
+    latent = record["latent"]
+    assert latent.dtype == np.float32
+    assert latent.shape == (1 + (kept - 1) // 4, height // 4, width // 4, CHANNELS)
+    assert latent.shape == MODEL.cfg.latent_shape(frames - (frames - 1) % 4, h, w)
+    np.testing.assert_allclose(
+        latent, _direct_encode(params, original["video"][:kept, :h, :w]), atol=1e-5, rtol=1e-5)
+    # every other field as the source has it, per-frame fields cut to the kept frames
+    assert "video" not in record
+    assert record["caption"] == original["caption"] and isinstance(record["caption"], bytes)
+    np.testing.assert_array_equal(record["actions"], original["actions"][:kept])
+    _assert_equal(record["states"], {k: v[:kept] for k, v in original["states"].items()})
+    for name in ("params", "object_names", "fps", "scene", "seed", "index", "action_object"):
+      _assert_equal(record[name], original[name])
+    assert set(record) == set(original) - {"video"} | {"latent", "source_index"}
+  assert streamed, "no clip was long enough to be coded in two chunks"
+
+
+def test_stats_are_the_per_channel_moments_of_the_latents(built):
+  stats = latents.load_stats(built, name="physics")
+  assert stats["shift"].shape == stats["scale"].shape == (CHANNELS,)
+  voxels = np.concatenate([r["latent"].reshape(-1, CHANNELS)
+                           for r in map(latents.load(built, name="physics").__getitem__,
+                                        range(4))])
+  np.testing.assert_allclose(stats["shift"], voxels.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(stats["scale"], voxels.std(0), rtol=1e-4)
+  assert stats["voxels_per_channel"] == len(voxels) and stats["num_clips"] == 4
+  assert stats["vae"]["latent_channels"] == CHANNELS
+  on_disk = json.loads(pathlib.Path(built, "physics", latents.STATS_NAME).read_text())
+  assert len(on_disk["shift"]) == len(on_disk["scale"]) == CHANNELS
+
+
+class _Untouchable:
+  """A source that fails if anything reads a record."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, index):
+    raise AssertionError("the source was read: the build was not skipped")
+
+
+def test_building_again_is_a_no_op(built):
+  stats_file = pathlib.Path(built, "physics", latents.STATS_NAME)
+  before = stats_file.stat().st_mtime_ns
+  builder = latents.build(built, _Untouchable(4), MODEL, None, name="physics")
+  assert stats_file.stat().st_mtime_ns == before
+  assert builder.info.splits["train"].num_examples == 4
+  with pytest.raises(ValueError, match="another VAE or source"):
+    latents.build(built, _Untouchable(5), MODEL, None, name="physics")
+
+
+def test_any_source_short_clips_and_odd_sizes(tmp_path, params):
+  """A plain list source (spec inferred), on every local device: a clip of no frames and a
+  3-pixel-high one are skipped and counted; 1 frame is valid, 3 frames keep 1, 10 pixels are
+  cropped to 8; the two 1 x 8 x 8 clips share one batch (padded to the 8 devices)."""
+  rng = np.random.default_rng(1)
+
+  def record(frames, height, width):
+    return {"video": rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8),
+            "caption": f"{frames} frames", "actions": np.arange(frames, dtype=np.int32),
+            "fps": np.float32(8.0)}
+
+  source = [record(0, 8, 8), record(1, 8, 10), record(3, 3, 8), record(3, 8, 8)]
+  latents.build(tmp_path, source, MODEL, params, name="list", batch_size=2)
+  stats = latents.load_stats(tmp_path, name="list")
+  assert stats["skipped"] == {"no_frames": 1, "too_small": 1}
+  assert stats["num_clips"] == 2 and stats["frames_dropped"] == 2
+  assert stats["cropped_clips"] == 1
+  out = latents.load(tmp_path, name="list")
+  assert [out[i]["source_index"] for i in range(len(out))] == [1, 3]
+  for r in (out[0], out[1]):
+    original = source[r["source_index"]]
+    assert r["latent"].shape == (1, 2, 2, CHANNELS)
+    np.testing.assert_allclose(r["latent"], _direct_encode(params, original["video"][:1, :, :8]),
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(r["actions"], original["actions"][:1])
+    assert r["caption"] == original["caption"].encode() and r["fps"] == 8.0
+
+
+def test_build_and_read_do_not_import_tensorflow(built):
+  """In process: the build and reads above ran in this interpreter (the physics_world tests
+  check a fresh one); nothing in the suite imports TensorFlow."""
+  assert len(latents.load(built, name="physics")) == 4
+  assert "tensorflow" not in sys.modules, "tensorflow was imported"
+
+
+def test_equal_shapes_share_a_batch_and_waiting_clips_are_bounded():
+  clips = [(i, np.zeros(shape)) for i, shape in
+           enumerate([(5, 8, 8), (1, 8, 8), (5, 8, 8), (9, 4, 4), (1, 4, 4), (5, 8, 8)])]
+  groups = [[k for k, _ in g] for g in latents.encode.group_by_shape(clips, 2, 3)]
+  # (5, 8, 8) is full at clip 2; clip 5 is the fourth waiting and pushes out the oldest of the
+  # fullest groups (clip 1's); the rest leave at the end
+  assert groups == [[0, 2], [1], [3], [4], [5]]
+  for g in latents.encode.group_by_shape(clips, 3, 100):
+    assert len({clips[k][1].shape for k, _ in g}) == 1
+  assert [len(g) for g in latents.encode.group_by_shape(clips, 3, 100)] == [3, 1, 1, 1]
+
+
+def test_a_fixed_frame_count_in_the_source_spec_becomes_unknown():
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (the spec classes only)
+  spec = tfds.features.FeaturesDict({
+      "video": tfds.features.Tensor(shape=(16, 64, 64, 3), dtype=np.uint8, encoding="zlib"),
+      "actions": tfds.features.Tensor(shape=(16,), dtype=np.int32, minimum=0, maximum=17),
+      "states": {"position": tfds.features.Tensor(shape=(16, 3, 2), dtype=np.float32)},
+      "params": tfds.features.Tensor(shape=(16,), dtype=np.float32),   # not per frame
+  })
+  source = type("Source", (), {"dataset_info": type("Info", (), {"features": spec})})()
+  features = latents.features.latent_features(source, None, CHANNELS, latents.FRAME_FIELDS)
+  assert features["actions"].shape == (None,) and features["params"].shape == (16,)
+  assert features["states"]["position"].shape == (None, 3, 2)
+  assert features["latent"].shape == (None, None, None, CHANNELS) and "video" not in features
