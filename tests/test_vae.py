@@ -11,32 +11,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from worldsim.models import vae
+from tests.random_params import random_params
 from worldsim.parallel import mesh as mesh_lib
 
 CFG = vae.VAEConfig.from_variant("tiny")
 MODEL = vae.VAE(CFG)
-
-
-def _random_params(module, *args, seed=0):
-  """Random parameters without compiling Flax's initialisers.
-
-  Compiling threefry for the VAE's ~100 kernels costs 30 s of XLA time on 2 CPU cores; the
-  shapes come from eval_shape and the values from numpy (kernels ~ N(0, 1 / fan_in), norm
-  scales near 1, small biases so that they matter).
-  """
-  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name:
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif "bias" in name:
-      value = 0.1 * rng.standard_normal(leaf.shape)
-    else:
-      value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    return jnp.asarray(value, jnp.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _clip(frames, size=16, batch=1, seed=0):
@@ -52,7 +31,7 @@ def _apply(params, x, method):
 
 @pytest.fixture(scope="module")
 def params():
-  return _random_params(MODEL, jnp.zeros((1, 1, 16, 16, 3)))
+  return random_params(MODEL, jnp.zeros((1, 1, 16, 16, 3)))
 
 
 def _shape_of(params, x, method, **kwargs):
@@ -167,7 +146,7 @@ def test_params_shard_by_the_rules_and_the_sharded_forward_matches():
 def test_losses_and_discriminator():
   disc = vae.Discriminator(CFG)
   video = _clip(5, batch=2)
-  disc_params = _random_params(disc, video)
+  disc_params = random_params(disc, video)
   logits = disc.apply(disc_params, video)
   chex.assert_shape(logits, (2, 2, 2, 2))           # 5 -> 3 -> 2 frames, 16 -> 2 pixels
   chex.assert_shape(disc.apply(disc_params, video[:, :1]), (2, 1, 2, 2))

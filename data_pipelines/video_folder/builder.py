@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from data_pipelines.built import load_built
 from data_pipelines.video_folder import decode
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".mkv", ".avi", ".m4v")
@@ -143,16 +144,5 @@ def build(data_dir, video_dir, **options) -> VideoFolder:
 
 
 def load(data_dir, split: str = "train", config: str | None = None):
-  """A random-access source of the clips built in `data_dir` (grain's MapDataset.source).
-
-  Text fields come back as bytes. `config` names the option set (a directory under
-  `<data_dir>/video_folder/`); it may be left out when only one was built.
-  """
-  root, version = Path(data_dir, "video_folder"), str(VideoFolder.VERSION)
-  built = sorted(p.parent for p in root.glob(f"{config or '*'}/{version}/dataset_info.json"))
-  if len(built) != 1:
-    names = [p.parent.parent.name for p in root.glob(f"*/{version}/dataset_info.json")]
-    raise FileNotFoundError(
-        f"expected one built dataset {config or ''} under {root}, found {names or 'none'}: "
-        "build it with video_folder.build(), or pass config= one of those names")
-  return tfds.builder_from_directory(built[0]).as_data_source(split)
+  """A random-access source of the clips built in `data_dir` (see built.load_built)."""
+  return load_built(data_dir, VideoFolder, split, config)

@@ -11,27 +11,11 @@ import numpy as np
 import pytest
 
 from data_pipelines import latents, physics_world
+from tests.random_params import random_params
 from worldsim.models import vae
 
 MODEL = vae.VAE(vae.VAEConfig.from_variant("tiny"))
 CHANNELS = MODEL.cfg.latent_channels
-
-
-def _random_params(seed=0):
-  """Shapes from eval_shape, values from numpy: compiling threefry init is slow on CPU."""
-  shapes = nn.unbox(jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, 8, 8, 3))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name:
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif "bias" in name:
-      value = 0.1 * rng.standard_normal(leaf.shape)
-    else:
-      value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    return jnp.asarray(value, jnp.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @jax.jit
@@ -43,7 +27,7 @@ def _direct_encode(params, pixels):
 
 @pytest.fixture(scope="module")
 def params():
-  return _random_params()
+  return random_params(MODEL, jnp.zeros((1, 1, 8, 8, 3)))
 
 
 @pytest.fixture(scope="module")
