@@ -35,6 +35,21 @@ a clip with `prepare_clip`.
 The iterator is a grain DatasetIterator, whose state the checkpoint saves with the model.
 With worker processes each worker packs its own slice of the stream, so a checkpoint resumes
 the same stream only with the same worker_count.
+
+The VAE trains on fixed-size pixel crops instead (`make_clip_dataset`), from the same sources
+and the same shuffled, sharded index stream:
+
+  clip indices -> seeded shuffle -> this host's shard
+    -> ClipCrop: read, random (frames, height, width) crop in time and space, pixels -> [-1, 1]
+    -> skip bad records (counted) -> batch [-> mp_prefetch worker processes]
+
+  video          float32 (B, frames, height, width, C) in [-1, 1]
+  clip_index     int32 (B,)   clip_epoch  int32 (B,)   num_skipped  int32 (B,)
+
+A clip shorter or smaller than the crop is skipped and counted (num_skipped), never padded or
+upscaled: repeated frames would teach the VAE that nothing moves, upscaled ones that the world
+is blurry. The crop of clip `index` in pass `epoch` draws from crop_rng(seed, epoch, index)
+(`crop_clip` recomputes it).
 """
 import dataclasses
 from typing import Sequence
@@ -314,6 +329,80 @@ def make_dataset(data_cfg, patch_size, seed: int, process_index: int = 0,
       max_sequences_per_bin=d.max_clips_per_row)
   ds = (ds.map(PackedRow(d.max_clips_per_row, d.max_frames))
         .batch(d.batch_size // process_count, drop_remainder=True))
+  if d.worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
+  return ds
+
+
+# ----------------------------------------------------------------------------- VAE crops
+
+def crop_clip(record: dict, frames: int, height: int, width: int, channels: int,
+              rng: np.random.Generator) -> np.ndarray:
+  """A record -> a random crop, float32 (frames, height, width, channels) in [-1, 1].
+
+  Raises BadRecord for a clip shorter or smaller than the crop (or of the wrong channels,
+  or holding NaN).
+  """
+  video = np.asarray(record["video"])
+  if video.ndim != 4 or video.shape[-1] != channels:
+    raise BadRecord(f"video of shape {video.shape}; expected (T, H, W, {channels})")
+  t, h, w, _ = video.shape
+  if t < frames or h < height or w < width:
+    raise BadRecord(f"video of shape {video.shape} is smaller than the crop "
+                    f"({frames}, {height}, {width})")
+  start, top, left = (int(rng.integers(0, n - c + 1))
+                      for n, c in ((t, frames), (h, height), (w, width)))
+  video = video[start:start + frames, top:top + height, left:left + width]
+  if video.dtype.kind == "f" and not np.isfinite(video).all():
+    raise BadRecord("video holds NaN or infinite values")
+  return pixels_to_latent(video)
+
+
+class ClipCrop(grain.transforms.Map):
+  """(epoch, clip index) -> the clip's random crop, or a bad-record marker."""
+
+  def __init__(self, source, crop_shape: tuple[int, int, int], channels: int, seed: int):
+    self.source, self.crop_shape, self.channels, self.seed = source, crop_shape, channels, seed
+
+  def map(self, epoch_and_index) -> dict:
+    epoch, index = (int(i) for i in epoch_and_index)
+    try:
+      video = crop_clip(self.source[index], *self.crop_shape, self.channels,
+                        crop_rng(self.seed, epoch, index))
+    except BadRecord as e:
+      logging.log_first_n(logging.WARNING, "Skipping clip %d: %s", 10, index, e)
+      return {"bad": str(e)}
+    return {"video": video, "clip_index": np.int32(index), "clip_epoch": np.int32(epoch)}
+
+
+def _name_skipped(element: dict) -> dict:
+  """_SkipBadRecords' per-clip `skipped` -> the batch's `num_skipped` (as packed rows name it)."""
+  element = dict(element)
+  element["num_skipped"] = np.int32(element.pop("skipped"))
+  return element
+
+
+def make_clip_dataset(data_cfg, frames: int, height: int, width: int, batch_size: int,
+                      seed: int, process_index: int = 0,
+                      process_count: int = 1) -> grain.IterDataset:
+  """The VAE's training stream of this host: an endless IterDataset of local batches of
+  fixed-size crops, {'video': float32 (batch_size // process_count, frames, height, width,
+  C) in [-1, 1], 'clip_index', 'clip_epoch', 'num_skipped'}. Its iterator is checkpointable."""
+  d = data_cfg
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} must divide over {process_count} hosts")
+  source = make_source(d, seed)
+  num_clips = len(source)
+  ds = (grain.MapDataset.range(num_clips)
+        .shuffle(seed=seed)
+        .repeat(None)      # after shuffle: every epoch is shuffled with its own seed
+        .map_with_index(lambda position, index: (position // num_clips, index))
+        [process_index::process_count]
+        .map(ClipCrop(source, (frames, height, width), d.channels, seed))
+        .to_iter_dataset(_READ_OPTIONS))
+  ds = (_SkipBadRecords(ds, max_in_a_row=num_clips)
+        .map(_name_skipped)
+        .batch(batch_size // process_count, drop_remainder=True))
   if d.worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
   return ds

@@ -19,7 +19,7 @@ flags.DEFINE_bool("distributed", False,
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-STAGES = {"dit": trainer.train, "samples": sampling.write_samples}
+STAGES = {"vae": trainer.train_vae, "dit": trainer.train, "samples": sampling.write_samples}
 
 
 def main(argv):
