@@ -310,6 +310,16 @@ def make_source(data_cfg, seed: int):
   raise ValueError(f"config.data.source={d.source!r} is not a known source; choose from {SOURCES}")
 
 
+def _clip_stream(num_clips: int, seed: int, process_index: int,
+                 process_count: int) -> grain.MapDataset:
+  """Endless (epoch, clip index) pairs: reshuffled every epoch, this host's share only."""
+  return (grain.MapDataset.range(num_clips)
+          .shuffle(seed=seed)
+          .repeat(None)      # after shuffle: every epoch is shuffled with its own seed
+          .map_with_index(lambda position, index: (position // num_clips, index))
+          [process_index::process_count])
+
+
 def make_dataset(data_cfg, patch_size, seed: int, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
   """The training stream of this host: an endless IterDataset of local packed batches."""
@@ -318,15 +328,10 @@ def make_dataset(data_cfg, patch_size, seed: int, process_index: int = 0,
     raise ValueError(f"config.data.batch_size={d.batch_size} must divide over "
                      f"{process_count} hosts")
   source = make_source(d, seed)
-  num_clips = len(source)
-  ds = (grain.MapDataset.range(num_clips)
-        .shuffle(seed=seed)
-        .repeat(None)      # after shuffle: every epoch is shuffled with its own seed
-        .map_with_index(lambda position, index: (position // num_clips, index))
-        [process_index::process_count]
+  ds = (_clip_stream(len(source), seed, process_index, process_count)
         .map(ClipToTokens(source, clip_spec(d, patch_size), seed))
         .to_iter_dataset(_READ_OPTIONS))
-  ds = _SkipBadRecords(ds, max_in_a_row=num_clips)
+  ds = _SkipBadRecords(ds, max_in_a_row=len(source))
   ds = grain.experimental.BestFitPackIterDataset(
       ds, length_struct={"tokens": d.token_budget, "positions": d.token_budget},
       num_packing_bins=d.packing_bins, seed=seed, meta_features=_CLIP_FIELDS,
@@ -396,15 +401,10 @@ def make_clip_dataset(data_cfg, frames: int, height: int, width: int, batch_size
   if batch_size % process_count:
     raise ValueError(f"batch_size={batch_size} must divide over {process_count} hosts")
   source = make_source(d, seed)
-  num_clips = len(source)
-  ds = (grain.MapDataset.range(num_clips)
-        .shuffle(seed=seed)
-        .repeat(None)      # after shuffle: every epoch is shuffled with its own seed
-        .map_with_index(lambda position, index: (position // num_clips, index))
-        [process_index::process_count]
+  ds = (_clip_stream(len(source), seed, process_index, process_count)
         .map(ClipCrop(source, (frames, height, width), d.channels, seed))
         .to_iter_dataset(_READ_OPTIONS))
-  ds = (_SkipBadRecords(ds, max_in_a_row=num_clips)
+  ds = (_SkipBadRecords(ds, max_in_a_row=len(source))
         .map(_name_skipped)
         .batch(batch_size // process_count, drop_remainder=True))
   if d.worker_count > 0:

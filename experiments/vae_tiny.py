@@ -13,6 +13,7 @@ can be overridden, e.g. `--config.vae.steps=200 --config.vae.disc_start=100`.
 import ml_collections
 
 from experiments import physics_tiny
+from worldsim.models import vae
 
 
 def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -53,17 +54,9 @@ def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
   v.keep_checkpoints = 2
   v.stats_batches = 8                  # batches whose latents give latent_stats.json
 
-  # Logical axis -> mesh axes for the VAE (the sizes come from config.mesh). Why height stays
+  # Logical axis -> mesh axes for the VAE (the sizes come from config.mesh); why height stays
   # whole: see RULES in worldsim/models/vae.py.
-  v.rules = (
-      ("batch", ("data", "fsdp")),
-      ("frames", None),
-      ("height", None),
-      ("width", None),
-      ("channels", "tensor"),
-      ("conv_in", "fsdp"),
-      ("conv_out", "tensor"),
-  )
+  v.rules = vae.RULES
 
   if variant != "tiny":
     v.crop_frames, v.crop_height, v.crop_width = 17, 64, 64
