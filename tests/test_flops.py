@@ -1,4 +1,5 @@
 import flax.linen as nn
+import numpy as np
 import jax
 import pytest
 
@@ -32,3 +33,20 @@ def test_every_parameter_has_logical_axis_names(tiny_config):
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(leaf, nn.Partitioned) for leaf in leaves)
   assert all(len(leaf.names) == leaf.value.ndim for leaf in leaves)
+
+
+def test_packed_flops_count_attention_within_clips_only():
+  from worldsim.models import dit
+  cfg = dit.DiTConfig(token_dim=48, width=64, depth=2, num_heads=4)
+  one_clip = np.ones((2, 128), np.int32)
+  np.testing.assert_allclose(flops.packed_train_flops(cfg, one_clip),
+                             flops.dit_train_flops(cfg, 128, 2))
+  # Two clips of 64 tokens attend to 2 * 64^2 pairs, half of one 128-token clip's.
+  two_clips = np.repeat(np.array([[1, 2]], np.int32), 64, axis=1).repeat(2, axis=0)
+  dense_attention = 3 * 2 * cfg.depth * 4 * 128 ** 2 * cfg.width
+  np.testing.assert_allclose(flops.dit_train_flops(cfg, 128, 2) - flops.packed_train_flops(cfg, two_clips),
+                             dense_attention / 2)
+  # Padding attends to nothing useful.
+  padded = one_clip.copy()
+  padded[:, 64:] = 0
+  assert flops.packed_train_flops(cfg, padded) < flops.packed_train_flops(cfg, two_clips)

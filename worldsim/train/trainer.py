@@ -72,7 +72,7 @@ class Stage(NamedTuple):
   keep_checkpoints: int
   throughput: Callable         # host batch -> amounts logged per second, e.g. {'tokens': n}
   totals: Callable             # host batch -> amounts logged as running totals
-  step_flops: float = 0.0      # model FLOPs of one step, for MFU (0: no MFU)
+  mfu: bool = False            # throughput counts 'model_flops': log MFU against a matmul
 
 
 # ----------------------------------------------------------------------------- data
@@ -146,10 +146,13 @@ def dit_stage(config, workdir, setup: Setup) -> Stage:
   return Stage(
       "dit", pathlib.Path(workdir), t.steps, t.log_every, t.save_every, t.keep_checkpoints,
       # tokens_per_sec counts real tokens (padding excluded).
-      throughput=lambda b: {"tokens": int((b["segment_ids"] > 0).sum())},
+      # Model FLOPs count attention within clips only, as packed rows mask the rest.
+      throughput=lambda b: {"tokens": int((b["segment_ids"] > 0).sum()),
+                            "model_flops": flops.packed_train_flops(setup.dit_cfg,
+                                                                    b["segment_ids"])},
       totals=lambda b: {"skipped_clips": int(b["num_skipped"].sum()),
                         "truncated_clips": int(b["num_truncated"].sum())},
-      step_flops=flops.dit_train_flops(setup.dit_cfg, setup.seq_len, config.data.batch_size))
+      mfu=True)
 
 
 def train(config, workdir) -> None:
@@ -275,7 +278,7 @@ def run(setup: Setup, stage: Stage, data_iter, config) -> Optional[Any]:
       writer.close()
       return None
 
-    peak_flops = flops.measure_matmul_flops() * jax.device_count() if stage.step_flops else 0.0
+    peak_flops = flops.measure_matmul_flops() * jax.device_count() if stage.mfu else 0.0
     pending, last_log = None, None      # last_log: (step, time) when its metrics arrived
     # Host-side counts: `window` since the last log (logged as rates), `totals` since start.
     window, totals = collections.Counter(), collections.Counter()
@@ -297,8 +300,8 @@ def run(setup: Setup, stage: Stage, data_iter, config) -> Optional[Any]:
             rate = (done_step - last_log[0]) / seconds
             row.update(steps_per_sec=rate,
                        **{f"{k}_per_sec": n / seconds for k, n in window.items()})
-            if stage.step_flops:
-              row.update(mfu=rate * stage.step_flops / peak_flops)
+            if stage.mfu:
+              row.update(mfu=row["model_flops_per_sec"] / peak_flops)
           row.update(totals)
           window.clear()
           writer.write(done_step, row)
