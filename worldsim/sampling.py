@@ -9,7 +9,6 @@ import json
 import pathlib
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,8 +35,8 @@ class WorldSim:
     self.config.data.batch_size = jax.device_count()
     setup = trainer.build(self.config, mesh_lib.make_mesh(self.config.mesh))
     self.step, state = checkpoint.restore_state_only(workdir, setup.abstract_state, step)
-    self.model, self.mesh, self.rules = setup.model, setup.mesh, setup.rules
-    self.params = jax.device_get(nn.unbox(state.ema_params))
+    self.model = setup.model
+    self.params = jax.device_get(state.ema_params)
     self.patch_size = tuple(self.config.model.patch_size)
     self.channels = self.config.data.channels
 
