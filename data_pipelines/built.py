@@ -1,7 +1,22 @@
-"""Finding a built TFDS dataset of one of our builders under a data_dir."""
+"""What every clip dataset shares: its common features, and finding a build under a data_dir."""
 from pathlib import Path
 
+import numpy as np
 import tensorflow_datasets as tfds
+
+
+def clip_features(**fields) -> tfds.features.FeaturesDict:
+  """The fields every clip dataset has (video, fps, caption) plus the source's own `fields`.
+
+  The loader reads these three from any source; video is a zlib Tensor because TFDS needs a
+  byte encoding for two unknown dimensions or more, and its Video feature needs TensorFlow.
+  """
+  return tfds.features.FeaturesDict({
+      "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8, encoding="zlib"),
+      "fps": tfds.features.Scalar(dtype=np.float32),
+      "caption": tfds.features.Text(),
+      **fields,
+  })
 
 
 def load_built(data_dir, builder_cls, split: str = "train", config: str | None = None):

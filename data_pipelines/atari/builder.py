@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from data_pipelines.atari import episodes
-from data_pipelines.built import load_built
+from data_pipelines.built import clip_features, load_built
 
 POLICIES = ("random", "sticky")
 
@@ -82,12 +82,7 @@ class Atari(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            # Two unknown dimensions or more need a byte encoding in TFDS.
-            "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
-                                          encoding="zlib"),
-            "fps": tfds.features.Scalar(dtype=np.float32),
-            "caption": tfds.features.Text(),
+        features=clip_features(**{
             "actions": tfds.features.Tensor(shape=(None,), dtype=np.int32, minimum=0,
                                             maximum=episodes.NUM_ACTIONS - 1),
             "rewards": tfds.features.Tensor(shape=(None,), dtype=np.float32),

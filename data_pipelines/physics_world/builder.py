@@ -42,6 +42,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from etils import epath
 
+from data_pipelines.built import clip_features
 from data_pipelines.physics_world.scenes import SCENES
 from data_pipelines.physics_world.simulate import ClipOptions, simulate_clip
 
@@ -76,10 +77,7 @@ def _features():
   def zlib_tensor(shape, dtype):
     return tfds.features.Tensor(shape=shape, dtype=dtype, encoding='zlib')
 
-  return tfds.features.FeaturesDict({
-      'video': zlib_tensor((None, None, None, 3), np.uint8),
-      'fps': tfds.features.Scalar(np.float32),
-      'caption': tfds.features.Text(),
+  return clip_features(**{
       'actions': tfds.features.Tensor(shape=(None, 2), dtype=np.float32),
       'action_object': tfds.features.Scalar(np.int32),
       'states': {

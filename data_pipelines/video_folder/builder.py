@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from data_pipelines.built import load_built
+from data_pipelines.built import clip_features, load_built
 from data_pipelines.video_folder import decode
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".gif", ".mkv", ".avi", ".m4v")
@@ -71,12 +71,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            # Two unknown dimensions or more need a byte encoding in TFDS.
-            "video": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
-                                          encoding="zlib"),
-            "fps": tfds.features.Scalar(dtype=np.float32),
-            "caption": tfds.features.Text(),
+        features=clip_features(**{
             # (T, 0): no actions. Declared (None, None) because TFDS cannot decode an empty
             # (None, 0) tensor without its stored shape.
             "actions": tfds.features.Tensor(shape=(None, None), dtype=np.float32,
