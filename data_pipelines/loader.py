@@ -15,15 +15,32 @@ all. A batch of B = batch_size // process_count rows, with M = max_clips_per_row
   -- per clip, host-side only (absent clips: zeros, '' or -1):
   clip_grid      int32 (B, M, 3)         (gt, gh, gw) patch grid of segment m + 1
   captions       object (B, M)           str
-  actions        float32 (B, M, max_frames, A)  per pixel frame of the crop, zero-padded;
-                                         A is the source's (physics 2, atari 1 = the action id);
-                                         absent for sources without actions
+  -- captions for the device, when the model reads them (make_dataset's `text`, config.model.text):
+  text           int32 (B, M * L)        'bytes': slot m holds clip m's caption as byte tokens
+                                         (models/text.py), L = config.data.caption_len
+                 float32 (B, M * L, E)   'embeddings': clip m's precomputed `caption_embedding`
+                                         rows (any external encoder, E wide), cut to L rows
+  text_segment_ids int32 (B, M * L)      m + 1 on clip m's caption, 0 on padding
+  actions        float32 (B, M, max_frames, A)  per frame of the crop, zero-padded; A is the
+                                         source's (physics 2, atari 1 = the action id), or in
+                                         latent space t x that (see below); absent for
+                                         sources without actions
   clip_index     int32 (B, M)            the clip's index in the source
   clip_epoch     int32 (B, M)            the pass over the data that drew it
   num_skipped    int32 (B,)              bad records skipped just before this row's clips
   num_truncated  int32 (B,)              clips of this row cut beyond the random crop to fit
 
-Only the first three go to the devices; the rest is for logging and conditioning on the host.
+Only tokens, positions, segment_ids (and text, text_segment_ids) go to the devices; the rest
+is for logging and conditioning on the host.
+
+Latent space (config.data.space='latent'): the source is the latent dataset the `latents`
+stage built from config.data.source under <data_dir>/latents/<latents_name>, read through
+latents.LatentClips: normalised latents (T', H', W', C) in place of pixels, the actions of
+each latent frame's t pixel frames side by side. The frame range (min/max_frames, in pixel
+frames) becomes the latent frames of those lengths; every crop starts at latent frame 0 (the
+frame coded from a single image, which is what a generated clip's first frame decodes as);
+and the 'cap' policy, or a latent frame over budget, shrinks frames by a random spatial crop,
+since box-filtered latents do not decode to a box-filtered video.
 
 Resize policy (config.data.resize): 'native' keeps every pixel (frames centre-cropped to whole
 patches); a clip over the row's budget is shortened in time, and a single latent frame over
@@ -53,7 +70,8 @@ is blurry. The crop of clip `index` in pass `epoch` draws from crop_rng(seed, ep
 """
 import dataclasses
 import functools
-from typing import Sequence
+import os
+from typing import NamedTuple, Optional, Sequence
 
 from absl import logging
 import grain
@@ -61,8 +79,11 @@ import numpy as np
 
 from data_pipelines.shapes import ShapesSource
 from worldsim.models import patches
+from worldsim.models import text as text_lib
 
 SOURCES = ("shapes", "physics_world", "video_folder", "atari")
+SPACES = ("pixel", "latent")   # what the DiT models: pixels in [-1, 1], or the VAE's latents
+LATENTS_DIR = "latents"        # latent datasets live in <data_dir>/latents/<latents_name>
 RESIZE_POLICIES = ("native", "cap")
 # grain's defaults (16 threads, 500 clips read ahead) suit small records on remote disks; decoded
 # clips are large and CPU-bound, so a few threads and a short queue hold less and contend less.
@@ -70,10 +91,11 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 # Per-clip fields that ride through the packer as lists, one entry per clip of a row.
 _CLIP_FIELDS = ("clip_grid", "caption", "actions", "clip_index", "clip_epoch", "skipped",
                 "truncated")
+CAPTION_EMBEDDING = "caption_embedding"   # a source's precomputed caption, float (L, E)
 
 
 def pixels_to_latent(video: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1]: the identity "latent" used before the VAE stage."""
+  """uint8 [0, 255] -> float32 [-1, 1]: the model's input in pixel space (data.space='pixel')."""
   return video.astype(np.float32) / 127.5 - 1.0
 
 
@@ -95,9 +117,26 @@ class ClipSpec:
   max_frames: int
   max_tokens: int        # no clip has more tokens (the row's budget, or the 'cap' policy's)
   downscale: bool        # True ('cap'): shrink frames to fit; False ('native'): shorten first
+  # Latent clips: every crop starts at latent frame 0 (the one coded from a single image, as
+  # a generated clip's first frame is decoded), and frames shrink by a random spatial crop,
+  # since resampled latents do not decode to a resampled video.
+  latent: bool = False
 
 
-def clip_spec(data_cfg, patch_size: Sequence[int]) -> ClipSpec:
+class LatentGeometry(NamedTuple):
+  """What a latent space changes for the loader: channels, and frames per latent frame."""
+  channels: int
+  temporal_factor: int
+
+  def frames(self, pixel_frames: int) -> int:
+    """Latent frames of a clip of `pixel_frames` frames (its first 1 + t*k are coded)."""
+    return 1 + (max(pixel_frames, 1) - 1) // self.temporal_factor
+
+
+def clip_spec(data_cfg, patch_size: Sequence[int],
+              latent: Optional[LatentGeometry] = None) -> ClipSpec:
+  """How records become clips. With `latent`, records hold latents (a LatentClips source):
+  config.data.min_frames / max_frames, given in pixel frames, become latent frames."""
   d = data_cfg
   if d.resize not in RESIZE_POLICIES:
     raise ValueError(f"config.data.resize={d.resize!r}; choose from {RESIZE_POLICIES}")
@@ -110,8 +149,12 @@ def clip_spec(data_cfg, patch_size: Sequence[int]) -> ClipSpec:
       raise ValueError(f"resize='cap' needs 0 < config.data.max_tokens_per_clip "
                        f"({d.max_tokens_per_clip}) <= config.data.token_budget ({d.token_budget})")
     max_tokens = d.max_tokens_per_clip
-  return ClipSpec(tuple(int(p) for p in patch_size), d.channels, d.min_frames, d.max_frames,
-                  max_tokens, d.resize == "cap")
+  if latent is None:
+    return ClipSpec(tuple(int(p) for p in patch_size), d.channels, d.min_frames, d.max_frames,
+                    max_tokens, d.resize == "cap")
+  return ClipSpec(tuple(int(p) for p in patch_size), latent.channels,
+                  latent.frames(d.min_frames), latent.frames(d.max_frames), max_tokens,
+                  d.resize == "cap", latent=True)
 
 
 def crop_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -185,14 +228,20 @@ def prepare_clip(record: dict, spec: ClipSpec, rng: np.random.Generator) -> dict
     else:                                   # one latent frame is over budget: shrink it
       gt, truncated = 1, True
       gh, gw = _fit_area(h / ph, w / pw, spec.max_tokens)
-  start = int(rng.integers(0, t - gt * pt + 1))
+  start = 0 if spec.latent else int(rng.integers(0, t - gt * pt + 1))
   video = video[start:start + gt * pt]
+  # Pixels to [-1, 1] (latent records are float already); the resize below is linear.
+  video = pixels_to_latent(video) if video.dtype == np.uint8 else video.astype(np.float32)
   if (gh, gw) == (h // ph, w // pw):        # native: centre-crop to whole patches
     top, left = (h - gh * ph) // 2, (w - gw * pw) // 2
     video = video[:, top:top + gh * ph, left:left + gw * pw]
+  elif spec.latent:                         # latents: a random window of the fitted size
+    top = int(rng.integers(0, h - gh * ph + 1))
+    left = int(rng.integers(0, w - gw * pw + 1))
+    video = video[:, top:top + gh * ph, left:left + gw * pw]
   else:
     video = _resize(video, gh * ph, gw * pw)
-  return {"latent": pixels_to_latent(video),
+  return {"latent": video,
           "actions": actions.reshape(t, -1)[start:start + gt * pt],
           "truncated": truncated}
 
@@ -200,8 +249,8 @@ def prepare_clip(record: dict, spec: ClipSpec, rng: np.random.Generator) -> dict
 class ClipToTokens(grain.transforms.Map):
   """(epoch, clip index) -> the clip's tokens, positions and metadata, or a bad-record marker."""
 
-  def __init__(self, source, spec: ClipSpec, seed: int):
-    self.source, self.spec, self.seed = source, spec, seed
+  def __init__(self, source, spec: ClipSpec, seed: int, embeddings: bool = False):
+    self.source, self.spec, self.seed, self.embeddings = source, spec, seed, embeddings
 
   def map(self, epoch_and_index) -> dict:
     epoch, index = (int(i) for i in epoch_and_index)
@@ -213,7 +262,14 @@ class ClipToTokens(grain.transforms.Map):
       return {"bad": str(e)}
     grid = patches.grid_shape(clip["latent"].shape, self.spec.patch_size)
     caption = record.get("caption", b"")
-    return {"tokens": patches.patchify(clip["latent"], self.spec.patch_size),
+    extra = {}
+    if self.embeddings:
+      if CAPTION_EMBEDDING not in record:
+        logging.log_first_n(logging.WARNING, "Skipping clip %d: no %s field", 10, index,
+                            CAPTION_EMBEDDING)
+        return {"bad": f"no {CAPTION_EMBEDDING}"}
+      extra[CAPTION_EMBEDDING] = np.asarray(record[CAPTION_EMBEDDING], np.float32)
+    return {**extra,"tokens": patches.patchify(clip["latent"], self.spec.patch_size),
             "positions": patches.positions(grid),
             "clip_grid": np.array(grid, np.int32),
             "caption": caption.decode() if isinstance(caption, bytes) else str(caption),
@@ -258,10 +314,22 @@ class _SkipBadRecordsIterator(grain.DatasetIterator):
 
 class PackedRow(grain.transforms.Map):
   """A row of grain's packer -> the batch contract: segment ids, our own (t, h, w) positions
-  (grain's are 1-D), per-clip metadata padded to max_clips."""
+  (grain's are 1-D), per-clip metadata padded to max_clips, and the captions as the model
+  reads them (`text`: 'none', 'bytes' or 'embeddings'; caption_len tokens or rows per clip)."""
 
-  def __init__(self, max_clips: int, max_frames: int):
+  def __init__(self, max_clips: int, max_frames: int, text: str = "none", caption_len: int = 0):
     self.max_clips, self.max_frames = max_clips, max_frames
+    self.text, self.caption_len = text, caption_len
+
+  def _embeddings(self, per_clip: list):
+    """Clip m's (L_m, E) rows -> slot m of (M * caption_len, E), and their segment ids."""
+    width = per_clip[0].shape[-1]
+    out = np.zeros((self.max_clips, self.caption_len, width), np.float32)
+    segment_ids = np.zeros((self.max_clips, self.caption_len), np.int32)
+    for m, rows in enumerate(per_clip):
+      n = min(len(rows), self.caption_len)
+      out[m, :n], segment_ids[m, :n] = rows[:n], m + 1
+    return out.reshape(-1, width), segment_ids.reshape(-1)
 
   def _pad(self, values, fill, dtype) -> np.ndarray:
     values = np.asarray(values, dtype)
@@ -278,6 +346,12 @@ class PackedRow(grain.transforms.Map):
                  "clip_epoch": self._pad(row["clip_epoch"], -1, np.int32),
                  "num_skipped": np.int32(sum(row["skipped"])),
                  "num_truncated": np.int32(sum(row["truncated"]))}
+    if self.text == "bytes":
+      text, text_segment_ids = text_lib.pack_captions(
+          batch_row["captions"][None], self.caption_len, (batch_row["clip_grid"] > 0).all(-1)[None])
+      batch_row.update(text=text[0], text_segment_ids=text_segment_ids[0])
+    elif self.text == "embeddings":
+      batch_row["text"], batch_row["text_segment_ids"] = self._embeddings(row[CAPTION_EMBEDDING])
     action_dim = row["actions"][0].shape[1]
     if action_dim:  # worker processes cannot ship empty arrays (zero-byte shared memory)
       actions = np.zeros((self.max_clips, self.max_frames, action_dim), np.float32)
@@ -288,7 +362,18 @@ class PackedRow(grain.transforms.Map):
 
 
 def make_source(data_cfg, seed: int):
-  """The random-access source of clips that config.data.source names."""
+  """The random-access source the DiT reads: the latent dataset of config.data.source when
+  config.data.space is 'latent' (built by the `latents` stage), else its pixel clips."""
+  d = data_cfg
+  if d.get("space", "pixel") == "latent":
+    from data_pipelines import latents
+    return latents.LatentClips(os.path.join(d.data_dir, LATENTS_DIR), d.latents_name)
+  return pixel_source(d, seed)
+
+
+def pixel_source(data_cfg, seed: int):
+  """The random-access source of pixel clips that config.data.source names (built on first
+  use where the source is built)."""
   d = data_cfg
   if d.source == "shapes":
     return ShapesSource(num_clips=d.num_clips, min_frames=d.min_frames, max_frames=d.max_frames,
@@ -321,22 +406,25 @@ def _clip_stream(num_clips: int, seed: int, process_index: int,
 
 
 def make_dataset(data_cfg, patch_size, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-  """The training stream of this host: an endless IterDataset of local packed batches."""
+                 process_count: int = 1, text: str = "none") -> grain.IterDataset:
+  """The training stream of this host: an endless IterDataset of local packed batches, with
+  the captions as `text` says the model reads them ('none', 'bytes', 'embeddings')."""
   d = data_cfg
   if d.batch_size % process_count:
     raise ValueError(f"config.data.batch_size={d.batch_size} must divide over "
                      f"{process_count} hosts")
   source = make_source(d, seed)
+  spec = clip_spec(d, patch_size, getattr(source, "geometry", None))
   ds = (_clip_stream(len(source), seed, process_index, process_count)
-        .map(ClipToTokens(source, clip_spec(d, patch_size), seed))
+        .map(ClipToTokens(source, spec, seed, embeddings=text == "embeddings"))
         .to_iter_dataset(_READ_OPTIONS))
   ds = _SkipBadRecords(ds, max_in_a_row=len(source))
   ds = grain.experimental.BestFitPackIterDataset(
       ds, length_struct={"tokens": d.token_budget, "positions": d.token_budget},
-      num_packing_bins=d.packing_bins, seed=seed, meta_features=_CLIP_FIELDS,
+      num_packing_bins=d.packing_bins, seed=seed,
+      meta_features=_CLIP_FIELDS + ((CAPTION_EMBEDDING,) if text == "embeddings" else ()),
       max_sequences_per_bin=d.max_clips_per_row)
-  ds = (ds.map(PackedRow(d.max_clips_per_row, d.max_frames))
+  ds = (ds.map(PackedRow(d.max_clips_per_row, spec.max_frames, text, d.get("caption_len", 0)))
         .batch(d.batch_size // process_count, drop_remainder=True))
   if d.worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
@@ -400,7 +488,7 @@ def make_clip_dataset(data_cfg, frames: int, height: int, width: int, batch_size
   d = data_cfg
   if batch_size % process_count:
     raise ValueError(f"batch_size={batch_size} must divide over {process_count} hosts")
-  source = make_source(d, seed)
+  source = pixel_source(d, seed)
   ds = (_clip_stream(len(source), seed, process_index, process_count)
         .map(ClipCrop(source, (frames, height, width), d.channels, seed))
         .to_iter_dataset(_READ_OPTIONS))

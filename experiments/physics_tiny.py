@@ -3,20 +3,80 @@
   python -m worldsim.main --config=experiments/physics_tiny.py --workdir=runs/physics_tiny
   python -m worldsim.main --config=experiments/physics_tiny.py:S --workdir=runs/physics_s
 
+Four stages, each resuming or skipping when its output is complete:
+  vae      the causal 3D VAE on random crops of the clips      -> <workdir>/vae/
+  latents  every clip encoded once by it                       -> <data_dir>/latents/<name>/
+  dit      the DiT on those latents, packed at native size     -> <workdir>/checkpoints/
+  samples  videos drawn by the DiT, decoded by the VAE         -> <workdir>/samples/
+
 The argument after ':' picks a variant: `tiny` (default; a laptop CPU in minutes) or one of
-the model table's names (S, B, L, XL) with a data size that suits it. Any field can be
-overridden from the command line, e.g. `--config.model.depth=4 --config.train.steps=200`.
+the model table's names (S, B, L, XL) with a data size and VAE (`small`, 4x8x8) that suit
+it. Any field can be overridden from the command line, e.g. `--config.model.depth=4
+--config.train.steps=200`; `--config.data.space=pixel` trains the DiT on pixels without a
+VAE (then leave out the vae and latents stages: `--config.stages=dit,samples`).
 """
 import ml_collections
+
+from worldsim.models import vae
+
+
+def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
+  """The `vae` block: model, crops, losses, optimiser, schedule and sharding rules."""
+  v = ml_collections.ConfigDict()
+  v.variant = variant
+  # VAEConfig overrides; None = the variant table's value (worldsim/models/vae.py).
+  for name in ("base_channels", "num_res_blocks", "latent_channels", "temporal_factor",
+               "spatial_factor", "disc_channels", "disc_layers"):
+    v[name] = ml_collections.config_dict.placeholder(int)
+  v.channel_multipliers = ml_collections.config_dict.placeholder(tuple)
+  v.dtype = "float32"                  # compute dtype; parameters stay float32
+
+  # Crops: 1 + 4k frames (frame 0 is coded alone), sides multiples of the spatial factor.
+  # Clips shorter or smaller than the crop are skipped (and counted in skipped_clips).
+  v.crop_frames = 9
+  v.crop_height = 32
+  v.crop_width = 32
+  v.batch_size = 8                     # clips per global batch, split over data x fsdp
+
+  # loss = L1 + l2_weight * L2 + kl_weight * KL [+ disc_weight * hinge G loss]
+  v.kl_weight = 1e-6                   # KL is a mean over latent elements, L1 one over pixels
+  v.l2_weight = 1.0
+  v.disc_start = -1                    # step the 3D patch discriminator switches on; -1 = never
+  v.disc_weight = 0.1
+
+  v.optim = ml_collections.ConfigDict()   # the discriminator uses the same settings
+  v.optim.learning_rate = 1e-3
+  v.optim.warmup_steps = 50
+  v.optim.weight_decay = 0.0
+  v.optim.b1 = 0.9
+  v.optim.b2 = 0.99
+  v.optim.grad_clip = 1.0
+
+  v.steps = 600
+  v.log_every = 20
+  v.save_every = 200
+  v.keep_checkpoints = 2
+  v.stats_batches = 8                  # batches whose latents give vae/latent_stats.json
+
+  # Logical axis -> mesh axes for the VAE (the sizes come from config.mesh); why height stays
+  # whole: see RULES in worldsim/models/vae.py.
+  v.rules = vae.RULES
+
+  if variant != "tiny":
+    v.crop_frames, v.crop_height, v.crop_width = 17, 64, 64
+    v.optim.learning_rate = 3e-4
+    v.steps = 20000
+    v.save_every = 1000
+    v.disc_start = 10000
+  return v
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   variant = arg or "tiny"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("dit", "samples")
+  c.stages = ("vae", "latents", "dit", "samples")
 
-  # Until the VAE exists the "latent" is the pixel clip scaled to [-1, 1] (3 channels).
   # Clips keep their own size and length; the loader packs them into rows of token_budget
   # tokens (see data_pipelines/loader.py), so one compiled step serves every clip size.
   c.data = ml_collections.ConfigDict()
@@ -25,10 +85,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.num_clips = 512              # clips to build (physics_world) or draw (shapes)
   c.data.min_side, c.data.max_side = 32, 64       # frame sides when building / drawing
   c.data.min_frames, c.data.max_frames = 4, 16    # built lengths and the random crop's range
-  c.data.resize = "cap"               # "native": every pixel; "cap": downscale to the cap
-  c.data.max_tokens_per_clip = 128   # tiny frames for a CPU; about 8 clips per row
+  # What the DiT models: "latent" (the VAE's latents of the clips, encoded once by the latents
+  # stage into <data_dir>/latents/<latents_name>) or "pixel" (the clips in [-1, 1]).
+  c.data.space = "latent"
+  c.data.latents_name = ""            # "" = <source>_vae_<variant>_step<steps>
+  c.data.resize = "cap"               # "native": every pixel; "cap": shrink to the cap
+  c.data.max_tokens_per_clip = 256   # a CPU-sized cap; about 4 to 16 clips per row
   c.data.token_budget = 1024          # tokens per packed row
   c.data.max_clips_per_row = 16
+  c.data.caption_len = 64             # byte tokens (or embedding rows) kept per caption
   c.data.packing_bins = 64            # rows the packer fills at once (more: less padding)
   c.data.batch_size = 4               # rows per global batch, split over data x fsdp
   c.data.channels = 3
@@ -37,7 +102,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = variant
-  c.model.patch_size = (1, 4, 4)      # (frames, height, width) of one spacetime patch
+  c.model.patch_size = (1, 2, 2)      # (latent frames, height, width) of one spacetime patch
   # None = take the value from the variant table in worldsim/models/dit.py.
   c.model.width = ml_collections.config_dict.placeholder(int)
   c.model.depth = ml_collections.config_dict.placeholder(int)
@@ -45,6 +110,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4.0
   c.model.attention = "chunked"       # xla (dense), chunked (flash, linear memory), cudnn, splash
   c.model.causal = False
+  # Captions: "bytes" (a byte tokenizer and a small text encoder trained with the model),
+  # "embeddings" (a source's precomputed `caption_embedding` rows, text_embed_dim wide, from
+  # any external encoder) or "none" (unconditional). Cross-attention reads them per clip.
+  c.model.text = "bytes"
+  c.model.text_depth = 2
+  c.model.text_embed_dim = 0          # "embeddings" only
   c.model.dtype = "float32"           # compute dtype; parameters stay float32
 
   c.diffusion = ml_collections.ConfigDict()
@@ -57,6 +128,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Share of clips trained with one t per latent frame (diffusion forcing) instead of one t
   # per clip: what lets the model continue clips and roll out chunk by chunk.
   c.diffusion.per_frame_noise = 0.5
+  # Share of clips trained with the null caption, so guidance has an unconditional model.
+  c.diffusion.caption_dropout = 0.1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3
@@ -88,14 +161,24 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       ("heads", "tensor"),
       ("kv", None),
       ("patch", None),
+      ("vocab", None),
   )
+
+  c.vae = vae_block("tiny" if variant == "tiny" else "small")
+
+  c.latents = ml_collections.ConfigDict()
+  c.latents.chunk_frames = 32         # pixel frames encoded at a time (memory, not results)
+  c.latents.batch_size = 8            # equal-size clips encoded together
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_videos = 4
   c.sample.steps = 32
-  c.sample.num_frames = 8
-  c.sample.height = 16
-  c.sample.width = 16
+  c.sample.guidance = 1.0             # classifier-free guidance scale; 1 = none (one pass)
+  # What the samples stage asks for ("" = the unconditional model).
+  c.sample.caption = "a stack of 3 boxes topples to the left"
+  c.sample.num_frames = 13            # 1 + 4k: 4 latent frames
+  c.sample.height = 32
+  c.sample.width = 32
   c.sample.fps = 8
 
   if variant != "tiny":
@@ -106,9 +189,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.max_tokens_per_clip = 4096
     c.data.token_budget = 4096
     c.data.batch_size = 8
-    c.model.patch_size = (2, 4, 4)
     c.optim.learning_rate = 3e-4
     c.train.steps = 20000
     c.train.save_every = 1000
-    c.sample.num_frames, c.sample.height, c.sample.width = 16, 64, 64
+    c.sample.num_frames, c.sample.height, c.sample.width = 17, 128, 128
   return c.lock()

@@ -13,11 +13,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.fixture
 def tiny_config():
-  """The laptop recipe shrunk further: a few steps of a 2-block model on packed rows of
-  procedural clips (no dataset build)."""
+  """The laptop recipe shrunk further, in pixel space: a few steps of a 2-block model on
+  packed rows of procedural clips (no dataset build, no VAE)."""
   from experiments import physics_tiny
   config = physics_tiny.get_config("tiny")
   with config.unlocked():
+    config.stages = ("dit", "samples")
+    config.data.space = "pixel"        # no VAE: the DiT models the clips themselves
+    config.model.patch_size = (1, 4, 4)
+    config.sample.num_frames, config.sample.height, config.sample.width = 4, 16, 16
     config.data.source = "shapes"
     config.data.min_side, config.data.max_side = 16, 32
     config.data.min_frames, config.data.max_frames = 2, 8

@@ -74,9 +74,10 @@ def test_resuming_continues_with_the_same_losses(tiny_config, tmp_path):
   assert len(metrics.read(resumed)) == 6
 
 
-MAIN_ARGS = ["--config=experiments/physics_tiny.py", "--config.train.steps=150",
-             "--config.train.log_every=10", "--config.sample.num_videos=2",
-             "--config.sample.steps=8", "--config.data.num_clips=64"]
+MAIN_ARGS = ["--config=experiments/physics_tiny.py", "--config.data.num_clips=64",
+             "--config.vae.steps=40", "--config.vae.log_every=10", "--config.vae.stats_batches=2",
+             "--config.train.steps=150", "--config.train.log_every=10",
+             "--config.sample.num_videos=2", "--config.sample.steps=8"]
 
 
 def run_main(workdir):
@@ -93,7 +94,14 @@ def trained_workdir(tmp_path_factory):
   return workdir
 
 
-def test_main_job_runs_end_to_end_and_its_loss_falls(trained_workdir):
+def test_main_job_runs_every_stage_and_the_dit_loss_falls(trained_workdir):
+  # vae -> latents -> dit -> samples
+  assert (trained_workdir / "vae" / "latent_stats.json").exists()
+  assert len(metrics.read(trained_workdir / "vae")) > 0
+  latent_stats = trained_workdir / "data" / "latents" / "physics_world_vae_tiny_step40" / \
+      "latent_stats.json"
+  assert json.loads(latent_stats.read_text())["num_clips"] > 0
+  assert (trained_workdir / "latent_stats.json").read_text() == latent_stats.read_text()
   rows = metrics.read(trained_workdir)
   first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
   assert last < 0.8 * first, (first, last)
@@ -101,34 +109,53 @@ def test_main_job_runs_end_to_end_and_its_loss_falls(trained_workdir):
   videos = sorted((trained_workdir / "samples").glob("sample_*.*"))
   assert len(videos) == 2 and all(v.stat().st_size > 0 for v in videos)
   # Run again: every stage sees its output complete and skips.
+  vae_rows, stamp = len(metrics.read(trained_workdir / "vae")), latent_stats.stat().st_mtime_ns
   run_main(trained_workdir)
   assert len(metrics.read(trained_workdir)) == len(rows)
+  assert len(metrics.read(trained_workdir / "vae")) == vae_rows
+  assert latent_stats.stat().st_mtime_ns == stamp
 
 
-def test_sample_returns_uint8_video_of_any_patch_multiple_size(trained_workdir):
+def test_sample_decodes_latents_to_video_of_any_valid_size(trained_workdir):
   import worldsim
-  video = worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=24, width=16,
+  # 5 frames = 2 latent frames; 24 x 16 pixels = 6 x 4 latent pixels = 3 x 2 patches.
+  video = worldsim.sample(checkpoint=str(trained_workdir), num_frames=5, height=24, width=16,
                           steps=4, seed=1)
-  assert video.dtype == np.uint8 and video.shape == (4, 24, 16, 3)
-  again = worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=24, width=16,
+  assert video.dtype == np.uint8 and video.shape == (5, 24, 16, 3)
+  again = worldsim.sample(checkpoint=str(trained_workdir), num_frames=5, height=24, width=16,
                           steps=4, seed=1)
   np.testing.assert_array_equal(video, again)                  # seeded: reproducible
-  other = worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=24, width=16,
+  other = worldsim.sample(checkpoint=str(trained_workdir), num_frames=5, height=24, width=16,
                           steps=4, seed=2)
   assert not np.array_equal(video, other)
-  with pytest.raises(ValueError, match="multiples of the patch size"):
-    worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=23, width=16)
+  with pytest.raises(ValueError, match="multiples of 4"):
+    worldsim.sample(checkpoint=str(trained_workdir), num_frames=5, height=22, width=16)
+  with pytest.raises(ValueError, match="1 \\+ 4k"):
+    worldsim.sample(checkpoint=str(trained_workdir), num_frames=6, height=24, width=16)
 
 
 def test_sample_continues_clean_context_frames_unchanged(trained_workdir):
   import worldsim
-  first = worldsim.sample(checkpoint=str(trained_workdir), num_frames=4, height=16, width=16,
+  first = worldsim.sample(checkpoint=str(trained_workdir), num_frames=5, height=16, width=16,
                           steps=4, seed=3)
-  context = first[:2]
-  video = worldsim.sample(checkpoint=str(trained_workdir), num_frames=6, steps=4, seed=4,
+  context = first[:1]                                          # image-to-video
+  video = worldsim.sample(checkpoint=str(trained_workdir), num_frames=9, steps=4, seed=4,
                           context=context)
-  assert video.shape == (6, 16, 16, 3)
-  np.testing.assert_array_equal(video[:2], context)
-  assert not np.array_equal(video[2:4], first[2:4])     # new frames are generated, not copied
+  assert video.shape == (9, 16, 16, 3)
+  np.testing.assert_array_equal(video[:1], context)
+  assert not np.array_equal(video[1:5], first[1:5])     # new frames are generated, not copied
   with pytest.raises(ValueError, match="fewer than num_frames"):
-    worldsim.sample(checkpoint=str(trained_workdir), num_frames=2, context=context)
+    worldsim.sample(checkpoint=str(trained_workdir), num_frames=1, context=context)
+
+
+def test_pixel_space_model_samples_and_keeps_its_context(tiny_config, tmp_path):
+  from worldsim import sampling
+  trainer.train(tiny_config, tmp_path)
+  sim = sampling.WorldSim(tmp_path)
+  video = sim.sample(num_frames=4, height=24, width=16, steps=4, seed=1)
+  assert video.dtype == np.uint8 and video.shape == (4, 24, 16, 3)
+  with pytest.raises(ValueError, match="multiples of the patch size"):
+    sim.sample(num_frames=4, height=23, width=16)
+  continued = sim.sample(num_frames=6, height=24, width=16, steps=4, seed=2, context=video[:2])
+  np.testing.assert_array_equal(continued[:2], video[:2])
+  assert not np.array_equal(continued[2:4], video[2:4])

@@ -5,12 +5,33 @@ from data_pipelines import loader
 from worldsim.models import attention, dit, vae as vae_lib
 from worldsim.parallel import mesh as mesh_lib
 
-STAGES = ("vae", "dit", "samples")
+STAGES = ("vae", "latents", "dit", "samples")
 DIT_STAGES = ("dit", "samples")         # stages that read config.model, diffusion, optim, train
+VAE_STAGES = ("vae", "latents")         # stages that read config.vae
 
 
 class ConfigError(ValueError):
   pass
+
+
+def space(config) -> str:
+  """What the DiT models: 'latent' (the VAE's latents) or 'pixel' (clips in [-1, 1])."""
+  return config.data.get("space", "pixel")
+
+
+def model_channels(config) -> int:
+  """Channels of what the DiT models: the VAE's latent channels, or the clips'."""
+  if space(config) == "latent":
+    return vae_lib.config_from(config.vae).latent_channels
+  return config.data.channels
+
+
+def latent_geometry(config):
+  """The loader's LatentGeometry in latent space, else None."""
+  if space(config) != "latent":
+    return None
+  v = vae_lib.config_from(config.vae)
+  return loader.LatentGeometry(v.latent_channels, v.temporal_factor)
 
 
 def _check(ok: bool, message: str):
@@ -26,10 +47,18 @@ def validate(config, num_devices: int = None) -> None:
          f"config.stages={tuple(config.stages)} holds an unknown stage; choose from {STAGES}")
   _check(config.data.source in loader.SOURCES,
          f"config.data.source={config.data.source!r} is unknown; choose from {loader.SOURCES}")
+  _check(space(config) in loader.SPACES,
+         f"config.data.space={space(config)!r} is unknown; choose from {loader.SPACES}")
+  needs_vae = any(s in VAE_STAGES for s in config.stages) or space(config) == "latent"
+  _check(not needs_vae or "vae" in config,
+         "this config needs a `vae` block (stages vae/latents, or config.data.space='latent'); "
+         "add one, e.g. experiments.physics_tiny.vae_block()")
+  if needs_vae:
+    _validate_vae(config, num_devices, train="vae" in config.stages)
+  if "latents" in config.stages:
+    _validate_latents(config)
   if any(s in DIT_STAGES for s in config.stages):
     _validate_dit(config, num_devices)
-  if "vae" in config.stages:
-    _validate_vae(config, num_devices)
 
 
 def _mesh_sizes(config, num_devices: int) -> dict:
@@ -44,14 +73,19 @@ def _validate_dit(config, num_devices: int) -> None:
   _check(len(m.patch_size) == 3 and all(int(p) > 0 for p in m.patch_size),
          f"config.model.patch_size={tuple(m.patch_size)} must be three positive ints (t, h, w)")
   pt, ph, pw = m.patch_size
-  _check(d.min_side >= max(ph, pw),
-         f"config.data.min_side={d.min_side} is smaller than the patch's height/width "
-         f"{max(ph, pw)}; raise --config.data.min_side to at least {max(ph, pw)}")
-  _check(d.min_frames >= pt,
-         f"config.data.min_frames={d.min_frames} is shorter than the patch's {pt} frames; "
-         f"set --config.data.min_frames >= {pt}")
+  geometry = latent_geometry(config)
+  # In latent space a patch covers s x s pixels per latent pixel and t frames per latent frame.
+  s = vae_lib.config_from(config.vae).spatial_factor if geometry else 1
+  side = s * max(ph, pw)
+  _check(d.min_side >= side,
+         f"config.data.min_side={d.min_side} is smaller than one patch ({side} pixels); raise "
+         f"--config.data.min_side to at least {side}")
+  frames = geometry.frames(d.min_frames) if geometry else d.min_frames
+  _check(frames >= pt,
+         f"config.data.min_frames={d.min_frames} gives {frames} frames to model, fewer than "
+         f"the patch's {pt}; raise --config.data.min_frames")
   try:
-    loader.clip_spec(d, m.patch_size)
+    loader.clip_spec(d, m.patch_size, geometry)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   _check(d.token_budget > 0, f"config.data.token_budget={d.token_budget} must be positive")
@@ -77,16 +111,42 @@ def _validate_dit(config, num_devices: int) -> None:
   _check(d.token_budget % sizes["context"] == 0,
          f"config.data.token_budget={d.token_budget} must be divisible by the context axis "
          f"({sizes['context']}), which splits each row's tokens")
+  text = m.get("text", "none")
+  _check(text in dit.TEXT_INPUTS,
+         f"config.model.text={text!r} is unknown; choose from {dit.TEXT_INPUTS}")
+  if text != "none":
+    _check(d.get("caption_len", 0) >= 1,
+           f"config.model.text={text!r} needs config.data.caption_len >= 1 (tokens or rows "
+           f"kept per caption)")
+    _check(0.0 <= config.diffusion.get("caption_dropout", 0.0) < 1.0,
+           f"config.diffusion.caption_dropout={config.diffusion.get('caption_dropout')} is a "
+           f"share of clips: set it in [0, 1)")
+  if text == "embeddings":
+    _check(m.get("text_embed_dim", 0) >= 1,
+           "config.model.text='embeddings' needs config.model.text_embed_dim: the width of "
+           "the source's caption_embedding rows")
   _check(0.0 <= config.diffusion.per_frame_noise <= 1.0,
          f"config.diffusion.per_frame_noise={config.diffusion.per_frame_noise} is a share: "
          f"set it between 0 and 1")
   _check(config.optim.learning_rate > 0, "config.optim.learning_rate must be > 0")
   _check(config.train.steps > 0, "config.train.steps must be > 0")
   _check(config.train.save_every > 0, "config.train.save_every must be > 0")
-  _check(config.sample.height % m.patch_size[1] == 0 and config.sample.width % m.patch_size[2] == 0
-         and config.sample.num_frames % m.patch_size[0] == 0,
-         f"config.sample size ({config.sample.num_frames}, {config.sample.height}, "
-         f"{config.sample.width}) must divide into patches of {tuple(m.patch_size)}")
+  sample = config.sample
+  size = (sample.num_frames, sample.height, sample.width)
+  if geometry:
+    t = geometry.temporal_factor
+    _check((sample.num_frames - 1) % t == 0 and sample.num_frames >= 1,
+           f"config.sample.num_frames={sample.num_frames} is not 1 + {t}k (the VAE decodes "
+           f"latent frame 0 to one frame, each later one to {t}); use "
+           f"{_nearest(sample.num_frames, t, 1)}")
+    latent = (geometry.frames(sample.num_frames), sample.height // s, sample.width // s)
+    _check(sample.height % s == 0 and sample.width % s == 0 and all(
+        n % p == 0 for n, p in zip(latent, m.patch_size)),
+           f"config.sample size {size} must give latents {latent} (VAE factors {t}, {s}) "
+           f"that divide into patches of {tuple(m.patch_size)}")
+  else:
+    _check(all(n % p == 0 for n, p in zip(size, m.patch_size)),
+           f"config.sample size {size} must divide into patches of {tuple(m.patch_size)}")
 
 
 def _nearest(value: int, step: int, first: int) -> str:
@@ -95,12 +155,30 @@ def _nearest(value: int, step: int, first: int) -> str:
   return " or ".join(str(n) for n in (lower, lower + step) if n != value and n >= first)
 
 
-def _validate_vae(config, num_devices: int) -> None:
+def _validate_latents(config) -> None:
+  _check("latents" in config, "stage 'latents' needs a `latents` block (chunk_frames, "
+         "batch_size); see experiments/physics_tiny.py")
+  t = vae_lib.config_from(config.vae).temporal_factor
+  n = config.latents.chunk_frames
+  _check(n >= t and n % t == 0,
+         f"config.latents.chunk_frames={n} must be a positive multiple of the VAE's temporal "
+         f"factor {t}; use {max(t, n // t * t)}")
+  _check(config.latents.batch_size >= 1,
+         f"config.latents.batch_size={config.latents.batch_size} must be >= 1")
+  _check(space(config) == "latent",
+         "stage 'latents' builds the latent dataset, but config.data.space is 'pixel', so "
+         "the DiT would not read it; set --config.data.space=latent")
+
+
+def _validate_vae(config, num_devices: int, train: bool = True) -> None:
+  """The VAE block; the crop, batch and optimiser fields only when the VAE trains here."""
   v, d = config.vae, config.data
   try:
     vae_cfg = vae_lib.config_from(v)
   except ValueError as e:
     raise ConfigError(f"config.vae: {e}") from None
+  if not train:
+    return
   t, s = vae_cfg.temporal_factor, vae_cfg.spatial_factor
   _check(v.crop_frames >= 1 and (v.crop_frames - 1) % t == 0,
          f"config.vae.crop_frames={v.crop_frames} is not 1 + {t}k (the causal VAE codes frame "

@@ -9,7 +9,7 @@ import jax
 
 from worldsim import config as config_lib
 from worldsim import sampling
-from worldsim.train import trainer
+from worldsim.train import latents, trainer
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (get_config(arg))",
                                 lock_config=True)
@@ -19,7 +19,10 @@ flags.DEFINE_bool("distributed", False,
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-STAGES = {"vae": trainer.train_vae, "dit": trainer.train, "samples": sampling.write_samples}
+# In order: the VAE, the latent dataset it encodes, the DiT on those latents, sample videos.
+# Each stage resumes from its own checkpoint, or is skipped when its output is complete.
+STAGES = {"vae": trainer.train_vae, "latents": latents.encode, "dit": trainer.train,
+          "samples": sampling.write_samples}
 
 
 def main(argv):

@@ -41,7 +41,8 @@ def physics(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, physics, params):
-  data_dir = tmp_path_factory.mktemp("latents")
+  # <data dir>/latents/<name>, where the loader looks for latent datasets in latent space
+  data_dir = tmp_path_factory.mktemp("data") / "latents"
   # chunk_frames=4: clips of 9 frames are coded in two chunks (5 + 4) with the streaming cache.
   # Two of the 8 CPU devices: the batch is sharded for real, and padded only to 2.
   mesh = latents.encode.local_mesh(jax.local_devices()[:2])
@@ -184,3 +185,58 @@ def test_a_fixed_frame_count_in_the_source_spec_becomes_unknown():
   assert features["actions"].shape == (None,) and features["params"].shape == (16,)
   assert features["states"]["position"].shape == (None, 3, 2)
   assert features["latent"].shape == (None, None, None, CHANNELS) and "video" not in features
+
+
+def test_latent_clips_are_normalised_with_actions_per_latent_frame(built, physics):
+  clips = latents.LatentClips(built, "physics")
+  raw, stats = latents.load(built, name="physics"), latents.load_stats(built, "physics")
+  assert len(clips) == len(raw) and clips.geometry == (CHANNELS, 4)
+  for i in range(len(clips)):
+    record = clips[i]
+    np.testing.assert_allclose(record["video"],
+                               (raw[i]["latent"] - stats["shift"]) / stats["scale"], rtol=1e-6)
+    np.testing.assert_allclose(clips.denormalise(record["video"]), raw[i]["latent"], atol=1e-5)
+    actions = raw[i]["actions"]                       # (1 + 4k, 2) per pixel frame
+    grouped = record["actions"]                       # (1 + k, 8) per latent frame
+    assert grouped.shape == (len(record["video"]), 4 * actions.shape[1])
+    np.testing.assert_array_equal(grouped[0, :6], 0)  # frame 0 is coded alone
+    np.testing.assert_array_equal(grouped[0, 6:], actions[0])
+    np.testing.assert_array_equal(grouped[1:].reshape(-1, actions.shape[1]), actions[1:])
+    assert record["caption"] == physics[i]["caption"]
+
+
+def test_actions_per_latent_frame_needs_one_plus_4k_rows():
+  with pytest.raises(ValueError, match="1 \\+ 4k"):
+    latents.actions_per_latent_frame(np.zeros((6, 2)), 4)
+
+
+def test_the_loader_packs_latent_clips_from_their_first_frame(built):
+  """In latent space the loader reads LatentClips: tokens are normalised latent patches,
+  every crop starts at latent frame 0, and the cap crops (never resamples) latents."""
+  import ml_collections
+  from data_pipelines import loader
+  from worldsim.models import patches
+  d = ml_collections.ConfigDict(dict(
+      source="physics_world", space="latent", data_dir=str(pathlib.Path(built).parent),
+      latents_name="physics", min_frames=1, max_frames=9, resize="cap",
+      max_tokens_per_clip=8, token_budget=64, max_clips_per_row=8, packing_bins=4,
+      batch_size=2, channels=3, worker_count=0))
+  clips = latents.LatentClips(built, "physics")
+  batch = next(iter(loader.make_dataset(d, (1, 2, 2), seed=0)))
+  assert batch["tokens"].shape == (2, 64, 4 * CHANNELS)
+  spec = loader.clip_spec(d, (1, 2, 2), clips.geometry)
+  assert (spec.min_frames, spec.max_frames, spec.channels, spec.latent) == (1, 3, CHANNELS, True)
+  for row in range(2):
+    for m, index in enumerate(batch["clip_index"][row]):
+      if index < 0:
+        continue
+      gt, gh, gw = batch["clip_grid"][row, m]
+      assert gt * gh * gw <= 8
+      tokens = batch["tokens"][row][batch["segment_ids"][row] == m + 1]
+      clip = patches.unpatchify(tokens, (gt, gh, gw), (1, 2, 2), CHANNELS)
+      full = clips[index]["video"]
+      # The crop starts at frame 0 and is a window of the latent (found among all windows).
+      windows = [full[:gt, y:y + 2 * gh, x:x + 2 * gw]
+                 for y in range(full.shape[1] - 2 * gh + 1)
+                 for x in range(full.shape[2] - 2 * gw + 1)]
+      assert any(np.array_equal(clip, w) for w in windows)

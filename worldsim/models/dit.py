@@ -6,6 +6,10 @@ Inputs are token sequences, not grids, so one compiled model serves clips of eve
   segment_ids (B, L)     which clip of the packed row a token belongs to (0 = padding)
   noise_level (B, L)     per-token t in [0, 1]; per-clip or per-frame t is a broadcast of it
 Output: the predicted velocity (B, L, P).
+With captions (DiTConfig.text = 'bytes' or 'embeddings', see models/text.py) it also takes
+  text              (B, Lt) int32 byte tokens, or (B, Lt, E) float embeddings of any width E
+  text_segment_ids  (B, Lt)  the clip each caption token belongs to (0 = padding)
+and every block cross-attends from each video token to its own clip's caption.
 
 Conditioning is adaLN-Zero in its "single" form (PixArt-alpha): the timestep embedding is
 projected to the six modulation vectors once per token, and each block adds a learned table
@@ -13,6 +17,12 @@ of its own. Per-block projections of a per-token condition would cost 6 D^2 mult
 per token per layer (a quarter of the block); the shared projection costs that once. The
 shared projection and the output layer start at zero, so every block is the identity at
 initialisation, as adaLN-Zero intends.
+
+Captions enter as in PixArt-alpha: the text is encoded once per forward (a small bidirectional
+byte-level TextEncoder, or a Dense projection of precomputed embeddings), and each block
+cross-attends to it between self-attention and the MLP. The cross-attention's output
+projection starts at zero, so a fresh model ignores its caption and training starts from the
+unconditional identity blocks.
 
 Block-causal rollouts (`causal=True`) keep a KV cache of the clean past, so a new chunk of
 frames costs attention over the past, not a forward pass of it:
@@ -25,7 +35,7 @@ that loop with Euler steps per chunk.
 """
 import dataclasses
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import chex
 import flax.linen as nn
@@ -35,6 +45,8 @@ import jax.numpy as jnp
 
 from worldsim.diffusion import samplers
 from worldsim.models import attention as attention_lib
+from worldsim.models import layers
+from worldsim.models import text as text_lib
 
 # name: (width, depth, heads); the DiT paper's S/B/L/XL, and a CPU-sized tiny.
 VARIANTS = {
@@ -44,6 +56,10 @@ VARIANTS = {
     "L": (1024, 24, 16),
     "XL": (1152, 28, 16),
 }
+
+# What DiTConfig.text may be: no captions, byte tokens for the built-in TextEncoder, or
+# precomputed embeddings from any external encoder.
+TEXT_INPUTS = ("none", "bytes", "embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +73,8 @@ class DiTConfig:
   causal: bool = False      # block-causal by latent frame: a frame sees itself and the past
   dtype: str = "float32"
   rope_theta: float = 10000.0
+  text: str = "none"        # one of TEXT_INPUTS
+  text_depth: int = 2       # TextEncoder layers (text='bytes')
 
   @property
   def head_dim(self) -> int:
@@ -84,31 +102,10 @@ def config_from(model_cfg, token_dim: int) -> DiTConfig:
       mlp_ratio=model_cfg.mlp_ratio,
       attention=model_cfg.attention,
       causal=model_cfg.causal,
-      dtype=model_cfg.dtype)
-
-
-def _param(init, names):
-  return nn.with_logical_partitioning(init, names)
-
-
-def rope_3d(x, positions, dims, theta):
-  """Rotary embedding over (t, h, w): each axis rotates its own slice of the head dim.
-
-  x (B, L, N, H), positions (B, L, 3). Pairs are (i, i + d/2) within each slice.
-  """
-  out, start = [], 0
-  for axis, d in enumerate(dims):
-    part = x[..., start:start + d]
-    start += d
-    if d == 0:
-      continue
-    half = d // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions[..., axis, None].astype(jnp.float32) * freqs          # (B, L, half)
-    cos, sin = jnp.cos(angle)[:, :, None], jnp.sin(angle)[:, :, None]       # (B, L, 1, half)
-    a, b = part[..., :half].astype(jnp.float32), part[..., half:].astype(jnp.float32)
-    out += [(a * cos - b * sin).astype(x.dtype), (a * sin + b * cos).astype(x.dtype)]
-  return jnp.concatenate(out, axis=-1)
+      dtype=model_cfg.dtype,
+      # Read with defaults: configs written before captions existed stay valid.
+      text=model_cfg.get("text", "none"),
+      text_depth=model_cfg.get("text_depth", 2))
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -117,32 +114,6 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = (t.astype(jnp.float32) * 1000.0)[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-class RMSNorm(nn.Module):
-  """Normalises the last dim; used on queries and keys (QK-norm keeps logits bounded)."""
-  names: tuple = ("kv",)
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", _param(nn.initializers.ones, self.names), (x.shape[-1],))
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
-    return (x32 * scale).astype(x.dtype)
-
-
-class Einsum(nn.Module):
-  """A projection written as an einsum, its kernel created with logical axis names."""
-  equation: str
-  shape: tuple
-  names: tuple
-  init: Callable = nn.initializers.lecun_normal()
-  dtype: str = "float32"
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", _param(self.init, self.names), self.shape)
-    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 def _layer_norm(x):
@@ -220,15 +191,56 @@ def _write(buffer, update, start):
   return jax.lax.dynamic_update_slice_in_dim(buffer, update.astype(buffer.dtype), start, axis=1)
 
 
+class EncodedText(NamedTuple):
+  """The captions as every block's cross-attention reads them."""
+  embeddings: jax.Array    # (B, Lt, D) at the DiT's width
+  segment_ids: jax.Array   # (B, Lt) as keys: text_lib.key_segment_ids (padding -> -1)
+
+
+class CrossAttention(nn.Module):
+  """Video tokens (queries) attend to the caption tokens of their own clip (keys, values).
+
+  No RoPE: a caption has no place in the video's (t, h, w) grid, and a caption token's place
+  in the caption is already in its encoding. The output projection starts at zero, so the
+  block stays the identity at initialisation whatever the caption.
+  """
+  cfg: DiTConfig
+
+  @nn.compact
+  def __call__(self, x, segment_ids, text: EncodedText):
+    """x (B, L, D), segment_ids (B, L) -> (B, L, D), the update to add to x.
+
+    A video token whose clip has no caption token (padding, segment 0) sees no key and gets
+    zeros (see text_lib.key_segment_ids).
+    """
+    cfg = self.cfg
+    shape, names = (cfg.width, cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv")
+    h = _layer_norm(x)
+    q = layers.Einsum("bld,dnh->blnh", shape, names, layers.INTO_HEADS, cfg.dtype, name="query")(h)
+    k, v = (layers.Einsum("btd,dnh->btnh", shape, names, layers.INTO_HEADS, cfg.dtype,
+                   name=n)(text.embeddings) for n in ("key", "value"))
+    q, k = layers.RMSNorm(name="query_norm")(q), layers.RMSNorm(name="key_norm")(k)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", None, "heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", None, "heads", "kv"))
+    o = attention_lib.attention(q, k, v, segment_ids, implementation=cfg.attention,
+                                kv_segment_ids=text.segment_ids)
+    return layers.Einsum("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width),
+                  ("heads", "kv", "embed"), dtype=cfg.dtype, name="out",
+                  init=nn.initializers.zeros)(o)
+
+
 class Block(nn.Module):
   cfg: DiTConfig
 
   @nn.compact
-  def __call__(self, x, modulation, positions, segment_ids, cache: Optional[_BlockCache] = None):
+  def __call__(self, x, modulation, positions, segment_ids, cache: Optional[_BlockCache] = None,
+               text: Optional[EncodedText] = None):
     """-> (x, (keys, values)): the keys and values attended to, i.e. the tokens' own, or with a
-    cache, the cache's buffers with the tokens' own written in."""
+    cache, the cache's buffers with the tokens' own written in. With `text`, cross-attention to
+    the captions follows self-attention."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    table = self.param("modulation_table", _param(nn.initializers.zeros, (None, "embed")),
+    table = self.param("modulation_table", layers.param(nn.initializers.zeros, (None, "embed")),
                        (6, cfg.width))
     mod = modulation + table.astype(modulation.dtype)                      # (B, L, 6, D)
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod.astype(dtype), 6, axis=2)
@@ -236,12 +248,12 @@ class Block(nn.Module):
         m[:, :, 0] for m in (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m))
 
     h = _modulate(_layer_norm(x), shift_a, scale_a)
-    q, k, v = (Einsum("bld,dnh->blnh", (cfg.width, cfg.num_heads, cfg.head_dim),
-                      ("embed", "heads", "kv"), dtype=cfg.dtype, name=n)(h)
+    q, k, v = (layers.Einsum("bld,dnh->blnh", (cfg.width, cfg.num_heads, cfg.head_dim),
+                      ("embed", "heads", "kv"), layers.INTO_HEADS, cfg.dtype, name=n)(h)
                for n in ("query", "key", "value"))
-    q, k = RMSNorm(name="query_norm")(q), RMSNorm(name="key_norm")(k)
-    q = rope_3d(q, positions, cfg.rope_dims, cfg.rope_theta)
-    k = rope_3d(k, positions, cfg.rope_dims, cfg.rope_theta)
+    q, k = layers.RMSNorm(name="query_norm")(q), layers.RMSNorm(name="key_norm")(k)
+    q = layers.rope_3d(q, positions, cfg.rope_dims, cfg.rope_theta)
+    k = layers.rope_3d(k, positions, cfg.rope_dims, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
@@ -259,20 +271,22 @@ class Block(nn.Module):
       o = attention_lib.attention(q, k, v, segment_ids, implementation=cfg.attention,
                                   kv_segment_ids=cache.segment_ids, q_frames=positions[..., 0],
                                   kv_frames=cache.frames, causal=cfg.causal)
-    o = Einsum("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width),
-               ("heads", "kv", "embed"), dtype=cfg.dtype, name="out",
-               init=nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2))(o)
+    o = layers.Einsum("blnh,nhd->bld", (cfg.num_heads, cfg.head_dim, cfg.width),
+               ("heads", "kv", "embed"), layers.OUT_OF_HEADS, cfg.dtype, name="out")(o)
     x = x + gate_a * o
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if text is not None:
+      x = x + CrossAttention(cfg, name="cross_attention")(x, segment_ids, text)
+      x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     h = _modulate(_layer_norm(x), shift_m, scale_m)
     h = nn.Dense(cfg.mlp_dim, dtype=dtype, name="mlp_in",
-                 kernel_init=_param(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                 bias_init=_param(nn.initializers.zeros, ("mlp",)))(h)
+                 kernel_init=layers.param(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                 bias_init=layers.param(nn.initializers.zeros, ("mlp",)))(h)
     h = nn.with_logical_constraint(nn.gelu(h), ("batch", "length", "mlp"))
     h = nn.Dense(cfg.width, dtype=dtype, name="mlp_out",
-                 kernel_init=_param(nn.initializers.lecun_normal(), ("mlp", "embed")),
-                 bias_init=_param(nn.initializers.zeros, ("embed",)))(h)
+                 kernel_init=layers.param(nn.initializers.lecun_normal(), ("mlp", "embed")),
+                 bias_init=layers.param(nn.initializers.zeros, ("embed",)))(h)
     x = x + gate_m * h
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), (k, v)
 
@@ -281,25 +295,60 @@ class DiT(nn.Module):
   cfg: DiTConfig
 
   def __call__(self, tokens, positions, segment_ids, noise_level,
-               kv_cache: Optional[KVCache] = None):
+               kv_cache: Optional[KVCache] = None, text=None, text_segment_ids=None):
     """The velocity (B, L, P) float32.
 
     With kv_cache (causal models only), the tokens are a chunk that also attends to the cached
     past, and the velocity equals the full block-causal forward's over [past; chunk] at these
     tokens. The cache is read, not changed: `append_to_cache` adds a finished chunk.
+    text, text_segment_ids: the captions, required exactly when cfg.text is not 'none' (module
+    docstring). The cache holds no caption keys: they are recomputed from `text` on every call.
     """
-    return self._forward(tokens, positions, segment_ids, noise_level, kv_cache)[0]
+    return self._forward(tokens, positions, segment_ids, noise_level, kv_cache, text,
+                         text_segment_ids)[0]
 
-  def append_to_cache(self, tokens, positions, segment_ids, kv_cache: KVCache) -> KVCache:
+  def append_to_cache(self, tokens, positions, segment_ids, kv_cache: KVCache, text=None,
+                      text_segment_ids=None) -> KVCache:
     """Runs clean tokens (noise level 0) attending to the cache and to themselves, and returns
     the cache with their keys and values appended: the context frames at the start of a
     rollout (into an empty cache), then each finished chunk. Under jit the unused velocity is
-    dead code, so this costs the blocks' forward up to the last block's keys and values."""
+    dead code, so this costs the blocks' forward up to the last block's keys and values.
+    A captioned model needs the captions here too: later blocks' keys depend on them."""
     noise_level = jnp.zeros(segment_ids.shape, jnp.float32)
-    return self._forward(tokens, positions, segment_ids, noise_level, kv_cache)[1]
+    return self._forward(tokens, positions, segment_ids, noise_level, kv_cache, text,
+                         text_segment_ids)[1]
+
+  def _encode_text(self, text, text_segment_ids) -> Optional[EncodedText]:
+    """The captions at the DiT's width, once per forward; None for an uncaptioned model."""
+    cfg = self.cfg
+    if cfg.text not in TEXT_INPUTS:
+      raise ValueError(f"config.model.text={cfg.text!r} is not one of {TEXT_INPUTS}")
+    if cfg.text == "none":
+      if text is not None:
+        raise ValueError("captions were given to a model without text conditioning: set "
+                         "config.model.text='bytes' or 'embeddings', or leave the text out")
+      return None
+    if text is None or text_segment_ids is None:
+      raise ValueError(f"config.model.text={cfg.text!r} needs text and text_segment_ids; "
+                       f"for an unconditional forward pass, pass text.null_text(...)")
+    chex.assert_shape(text_segment_ids, text.shape[:2])
+    if cfg.text == "bytes":
+      chex.assert_rank(text, 2)
+      chex.assert_type(text, int)
+      embeddings = text_lib.TextEncoder(
+          cfg.width, cfg.text_depth, cfg.num_heads, cfg.mlp_dim, cfg.attention, cfg.dtype,
+          cfg.rope_theta, name="text_encoder")(text, text_segment_ids)
+    else:
+      chex.assert_rank(text, 3)
+      embeddings = nn.Dense(cfg.width, dtype=jnp.dtype(cfg.dtype), name="text_projection",
+                            kernel_init=layers.param(nn.initializers.lecun_normal(), (None, "embed")),
+                            bias_init=layers.param(nn.initializers.zeros, ("embed",)))(text)
+    embeddings = nn.with_logical_constraint(embeddings, ("batch", None, "embed"))
+    return EncodedText(embeddings, text_lib.key_segment_ids(text_segment_ids))
 
   @nn.compact
-  def _forward(self, tokens, positions, segment_ids, noise_level, kv_cache):
+  def _forward(self, tokens, positions, segment_ids, noise_level, kv_cache, text=None,
+               text_segment_ids=None):
     """-> (velocity, kv_cache with the tokens appended, or None without a cache)."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     if kv_cache is not None:
@@ -308,20 +357,21 @@ class DiT(nn.Module):
                          "a bidirectional one the past attends to the future, so its cached "
                          "keys would change with every new chunk")
       _check_room(kv_cache, segment_ids.shape[1])
+    encoded_text = self._encode_text(text, text_segment_ids)
     d = cfg.width
     x = nn.Dense(d, dtype=dtype, name="patch_embed",
-                 kernel_init=_param(nn.initializers.lecun_normal(), ("patch", "embed")),
-                 bias_init=_param(nn.initializers.zeros, ("embed",)))(tokens.astype(dtype))
+                 kernel_init=layers.param(nn.initializers.lecun_normal(), ("patch", "embed")),
+                 bias_init=layers.param(nn.initializers.zeros, ("embed",)))(tokens.astype(dtype))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     # Timestep -> condition c (B, L, D) -> shared modulation (B, L, 6, D).
     c = timestep_embedding(noise_level, 256)
-    c = nn.Dense(d, name="time_in", kernel_init=_param(nn.initializers.normal(0.02), (None, "embed")),
-                 bias_init=_param(nn.initializers.zeros, ("embed",)))(c)
-    c = nn.Dense(d, name="time_out", kernel_init=_param(nn.initializers.normal(0.02), ("mlp", "embed")),
-                 bias_init=_param(nn.initializers.zeros, ("embed",)))(nn.silu(c))
+    c = nn.Dense(d, name="time_in", kernel_init=layers.param(nn.initializers.normal(0.02), (None, "embed")),
+                 bias_init=layers.param(nn.initializers.zeros, ("embed",)))(c)
+    c = nn.Dense(d, name="time_out", kernel_init=layers.param(nn.initializers.normal(0.02), ("mlp", "embed")),
+                 bias_init=layers.param(nn.initializers.zeros, ("embed",)))(nn.silu(c))
     c = nn.with_logical_constraint(c, ("batch", "length", "embed"))
-    modulation = Einsum("bld,dke->blke", (d, 6, d), ("embed", None, "mlp"), name="modulation",
+    modulation = layers.Einsum("bld,dke->blke", (d, 6, d), ("embed", None, "mlp"), name="modulation",
                         init=nn.initializers.zeros)(nn.silu(c))
     modulation = nn.with_logical_constraint(modulation, ("batch", "length", None, "embed"))
 
@@ -338,29 +388,31 @@ class DiT(nn.Module):
       block_cache = None if kv_cache is None else _BlockCache(
           kv_cache.keys[i], kv_cache.values[i], kv_cache.segment_ids, kv_cache.frames, start)
       x, (k, v) = Block(cfg, name=f"block_{i}")(x, modulation, positions, segment_ids,
-                                                 block_cache)
+                                                 block_cache, encoded_text)
       keys.append(k)
       values.append(v)
     if kv_cache is not None:
       kv_cache = kv_cache.replace(keys=tuple(keys), values=tuple(values))
 
-    final_table = self.param("final_table", _param(nn.initializers.zeros, (None, "embed")), (2, d))
+    final_table = self.param("final_table", layers.param(nn.initializers.zeros, (None, "embed")), (2, d))
     final = (c[:, :, None].astype(jnp.float32) + final_table).astype(dtype)  # (B, L, 2, D)
     shift, scale = final[:, :, 0], final[:, :, 1]
     x = _modulate(_layer_norm(x), shift, scale)
     out = nn.Dense(cfg.token_dim, name="head", dtype=dtype,
-                   kernel_init=_param(nn.initializers.zeros, ("embed", "patch")),
-                   bias_init=_param(nn.initializers.zeros, ("patch",)))(x)
+                   kernel_init=layers.param(nn.initializers.zeros, ("embed", "patch")),
+                   bias_init=layers.param(nn.initializers.zeros, ("patch",)))(x)
     return out.astype(jnp.float32), kv_cache
 
 
 def rollout(model: DiT, variables, context, positions, segment_ids, noise, *, steps: int,
-            shift=1.0):
+            shift=1.0, text=None, text_segment_ids=None):
   """Generates a clip chunk by chunk after clean context frames, with a KV cache.
 
     context      (B, Lx, P) clean tokens of the first latent frames (Lx may be 0)
     positions    (B, Lx + n Lc, 3), segment_ids (B, Lx + n Lc): the whole clip, frame-major
     noise        (B, n, Lc, P): the starting noise of each of n chunks of Lc tokens
+    text, text_segment_ids: the captions of a captioned model (DiT.__call__), read by every
+                 chunk; their segment ids must match `segment_ids`
   Diffusion forcing: each chunk is integrated from its noise with `steps` Euler steps while
   attending to the cached past at noise level 0; the finished chunk is then run clean once
   and appended to the cache. Returns (B, Lx + n Lc, P): the context as given, then the chunks.
@@ -381,9 +433,11 @@ def rollout(model: DiT, variables, context, positions, segment_ids, noise, *, st
   # Room for every chunk: the last one's append is wasted work (one clean forward of a chunk in
   # a rollout of n * steps), but one scan body compiles once.
   cache = empty_cache(model.cfg, b, total)
+  captions = dict(text=text, text_segment_ids=text_segment_ids)
   if context_length:
     cache = model.apply(variables, context, positions[:, :context_length],
-                        segment_ids[:, :context_length], cache, method=DiT.append_to_cache)
+                        segment_ids[:, :context_length], cache, method=DiT.append_to_cache,
+                        **captions)
 
   def generate_and_append(cache, chunk):
     chunk_noise, chunk_positions, chunk_segment_ids = chunk
@@ -391,11 +445,11 @@ def rollout(model: DiT, variables, context, positions, segment_ids, noise, *, st
     def velocity(x, t):
       noise_level = jnp.full(chunk_segment_ids.shape, t, jnp.float32)
       return model.apply(variables, x, chunk_positions, chunk_segment_ids, noise_level,
-                         kv_cache=cache)
+                         kv_cache=cache, **captions)
 
     x0 = samplers.euler(velocity, chunk_noise, steps, shift)
     cache = model.apply(variables, x0, chunk_positions, chunk_segment_ids, cache,
-                        method=DiT.append_to_cache)
+                        method=DiT.append_to_cache, **captions)
     return cache, x0
 
   _, generated = jax.lax.scan(generate_and_append, cache, chunks)       # (n, B, Lc, P)

@@ -10,6 +10,7 @@ import optax
 from jax import lax
 
 from worldsim.diffusion import flow
+from worldsim.models import text as text_lib
 from worldsim.models import vae as vae_lib
 
 
@@ -22,10 +23,16 @@ class TrainState:
   rng: jax.Array        # raw uint32 key data: checkpoints store it as a plain array
 
 
+def captions(batch: dict) -> dict:
+  """The DiT's caption arguments in a batch: text (B, Lt) int32 byte tokens or (B, Lt, E)
+  float embeddings, and text_segment_ids (B, Lt); empty for an uncaptioned batch."""
+  return {k: batch[k] for k in ("text", "text_segment_ids") if k in batch}
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation, batch: dict, rng) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, batch["tokens"], batch["positions"], batch["segment_ids"],
-                         jnp.zeros(batch["segment_ids"].shape, jnp.float32))
+                         jnp.zeros(batch["segment_ids"].shape, jnp.float32), **captions(batch))
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params, rng=state_rng)
@@ -72,14 +79,46 @@ def sample_noise_levels(rng, segment_ids, frames, diffusion_cfg):
   return flow.shift_time(t, shift)
 
 
+def drop_captions(rng, text, text_segment_ids, rate: float):
+  """Replaces each clip's caption, with probability `rate`, by the null caption, so that one
+  model learns both the conditional and the unconditional velocity classifier-free guidance
+  mixes.
+
+  text (B, Lt) byte tokens or (B, Lt, E) embeddings, text_segment_ids (B, Lt) -> both, same
+  shapes. A dropped clip keeps only its first token, the segment id of the rest set to 0:
+    bytes       the first token is BOS, so the clip's text equals text.null_text's BOS alone
+    embeddings  the kept row is zeroed too: an external encoder's first row depends on the
+                caption, a zero row does not (text.null_text builds the same)
+  """
+  draws = jax.random.uniform(rng, text_segment_ids.shape) < rate      # column s: segment s
+  dropped = per_token(draws, text_segment_ids) & (text_segment_ids > 0)
+  masked = dropped & ~text_lib.first_of_segment(text_segment_ids)
+  if text.ndim == 2:
+    text = jnp.where(masked, text_lib.PAD, text)
+  else:
+    text = jnp.where(dropped[..., None], jnp.zeros((), text.dtype), text)
+  return text, jnp.where(masked, 0, text_segment_ids)
+
+
 def dit_loss(params, model, batch, rng, diffusion_cfg):
-  """Rectified-flow loss: mean squared velocity error over the real (non-padding) tokens."""
+  """Rectified-flow loss: mean squared velocity error over the real (non-padding) tokens.
+
+  With captions in the batch (`captions`), a share diffusion_cfg.caption_dropout (default 0)
+  of the clips trains with the null caption instead (`drop_captions`).
+  """
   x0, segment_ids = batch["tokens"], batch["segment_ids"]
   t_rng, eps_rng = jax.random.split(rng)
   t = sample_noise_levels(t_rng, segment_ids, batch["positions"][..., 0], diffusion_cfg)
   eps = jax.random.normal(eps_rng, x0.shape, x0.dtype)
+  caption_args = captions(batch)
+  rate = diffusion_cfg.get("caption_dropout", 0.0)
+  if caption_args and rate > 0:
+    # Folded in rather than split off: the noise levels and noise stay those of an
+    # uncaptioned run with the same seed.
+    caption_args["text"], caption_args["text_segment_ids"] = drop_captions(
+        jax.random.fold_in(rng, 1), caption_args["text"], caption_args["text_segment_ids"], rate)
   v_pred = model.apply({"params": params}, flow.noise(x0, eps, t), batch["positions"],
-                       segment_ids, t)
+                       segment_ids, t, **caption_args)
   err = jnp.mean(jnp.square(v_pred - flow.velocity_target(x0, eps)), axis=-1)
   valid = (segment_ids > 0).astype(jnp.float32)
   return jnp.sum(err * valid) / jnp.maximum(jnp.sum(valid), 1.0)

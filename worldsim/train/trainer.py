@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -34,13 +35,17 @@ from tqdm import tqdm
 
 from data_pipelines import loader
 from worldsim import config as config_lib
-from worldsim.models import dit, patches, vae as vae_lib
+from worldsim.models import dit, patches, text as text_lib, vae as vae_lib
 from worldsim.parallel import mesh as mesh_lib
 from worldsim.scaling import flops
 from worldsim.train import checkpoint, metrics as metrics_lib, optim, step as step_lib
 
 BATCH_AXES = {"tokens": ("batch", "length", "patch"), "positions": ("batch", "length", None),
               "segment_ids": ("batch", "length")}
+# Captions (config.model.text != 'none'): whole on every device of a batch shard.
+TEXT_AXES = {"bytes": {"text": ("batch", None), "text_segment_ids": ("batch", None)},
+             "embeddings": {"text": ("batch", None, None), "text_segment_ids": ("batch", None)},
+             "none": {}}
 VAE_BATCH_AXES = {"video": vae_lib.PIXEL_AXES}
 LATENT_STATS = "latent_stats.json"
 
@@ -77,28 +82,42 @@ class Stage(NamedTuple):
 
 # ----------------------------------------------------------------------------- data
 
+def latents_name(config) -> str:
+  """The latent dataset of this config: config.data.latents_name, else one named for the
+  source and the VAE that encodes it, so a retrained or resized VAE gets a new dataset."""
+  name = config.data.get("latents_name", "")
+  return name or f"{config.data.source}_vae_{config.vae.variant}_step{config.vae.steps}"
+
+
 def data_config(config, workdir):
-  """config.data with data_dir resolved (<workdir>/data when the config leaves it empty)."""
+  """config.data with data_dir (<workdir>/data when the config leaves it empty) and, in latent
+  space, latents_name resolved."""
   d = config.data.copy_and_resolve_references()
   with d.unlocked():
     d.data_dir = d.data_dir or os.path.join(os.fspath(workdir), "data")
+    if config_lib.space(config) == "latent":
+      d.latents_name = latents_name(config)
   return d
 
 
 def _build_source_once(d, seed: int) -> None:
-  """On several hosts, process 0 builds a missing dataset while the others wait."""
+  """On several hosts, process 0 builds a missing pixel dataset while the others wait (a
+  latent dataset is built by its own stage)."""
   if jax.process_count() > 1:
     if jax.process_index() == 0:
-      loader.make_source(d, seed)
+      loader.pixel_source(d, seed)
     multihost_utils.sync_global_devices("worldsim: dataset built")
 
 
 def open_data(config, workdir):
-  """This host's iterator over packed batches; process 0 builds a missing dataset first."""
+  """This host's iterator over packed batches; process 0 builds a missing pixel dataset
+  first. In latent space the `latents` stage must have built the latent dataset."""
   d = data_config(config, workdir)
-  _build_source_once(d, config.seed)
+  if config_lib.space(config) == "pixel":
+    _build_source_once(d, config.seed)
   return iter(loader.make_dataset(d, config.model.patch_size, config.seed,
-                                  jax.process_index(), jax.process_count()))
+                                  jax.process_index(), jax.process_count(),
+                                  text=config.model.get("text", "none")))
 
 
 def open_clip_data(config, workdir):
@@ -113,12 +132,20 @@ def open_clip_data(config, workdir):
 # ----------------------------------------------------------------------------- DiT
 
 def example_batch(config) -> dict:
-  """Zeros shaped like one global packed batch (for shapes only)."""
-  d = config.data
-  token_dim = patches.token_dim(tuple(config.model.patch_size), d.channels)
-  return {"tokens": jnp.zeros((d.batch_size, d.token_budget, token_dim), jnp.float32),
-          "positions": jnp.zeros((d.batch_size, d.token_budget, 3), jnp.int32),
-          "segment_ids": jnp.ones((d.batch_size, d.token_budget), jnp.int32)}
+  """Zeros shaped like one global packed batch (for shapes only); the null captions of
+  max_clips_per_row clips when the model reads captions."""
+  d, m = config.data, config.model
+  token_dim = patches.token_dim(tuple(m.patch_size), config_lib.model_channels(config))
+  batch = {"tokens": jnp.zeros((d.batch_size, d.token_budget, token_dim), jnp.float32),
+           "positions": jnp.zeros((d.batch_size, d.token_budget, 3), jnp.int32),
+           "segment_ids": jnp.ones((d.batch_size, d.token_budget), jnp.int32)}
+  mode = m.get("text", "none")
+  if mode != "none":
+    text, text_segment_ids = text_lib.null_text(
+        d.batch_size, d.max_clips_per_row, d.caption_len,
+        m.text_embed_dim if mode == "embeddings" else None)
+    batch.update(text=jnp.asarray(text), text_segment_ids=jnp.asarray(text_segment_ids))
+  return batch
 
 
 def build(config, mesh) -> Setup:
@@ -131,7 +158,8 @@ def build(config, mesh) -> Setup:
   init_fn = functools.partial(step_lib.init_state, model, tx, batch)
   abstract_state, state_shardings = mesh_lib.abstract_sharded(
       init_fn, mesh, rules, jax.random.PRNGKey(0))
-  batch_shardings = {k: mesh_lib.logical_sharding(mesh, rules, v) for k, v in BATCH_AXES.items()}
+  axes = {**BATCH_AXES, **TEXT_AXES[dit_cfg.text]}
+  batch_shardings = {k: mesh_lib.logical_sharding(mesh, rules, v) for k, v in axes.items()}
   update = functools.partial(step_lib.dit_train_step, model=model, tx=tx, schedule=schedule,
                              diffusion_cfg=config.diffusion, ema_decay=config.optim.ema_decay)
   train_step = jax.jit(update, in_shardings=(state_shardings, batch_shardings),
@@ -142,25 +170,36 @@ def build(config, mesh) -> Setup:
 
 
 def dit_stage(config, workdir, setup: Setup) -> Stage:
-  t = config.train
+  t, cfg = config.train, setup.dit_cfg
+  text_embed_dim = config.model.get("text_embed_dim", 0) if cfg.text == "embeddings" else 0
   return Stage(
       "dit", pathlib.Path(workdir), t.steps, t.log_every, t.save_every, t.keep_checkpoints,
-      # tokens_per_sec counts real tokens (padding excluded).
-      # Model FLOPs count attention within clips only, as packed rows mask the rest.
+      # tokens_per_sec counts real tokens (padding excluded). Model FLOPs count attention
+      # only where the mask allows it: within clips (and their captions), and in a
+      # block-causal model only towards the past.
       throughput=lambda b: {"tokens": int((b["segment_ids"] > 0).sum()),
-                            "model_flops": flops.packed_train_flops(setup.dit_cfg,
-                                                                    b["segment_ids"])},
+                            "model_flops": flops.packed_train_flops(
+                                cfg, b["segment_ids"], b.get("text_segment_ids"),
+                                b["positions"][..., 0], text_embed_dim)},
       totals=lambda b: {"skipped_clips": int(b["num_skipped"].sum()),
                         "truncated_clips": int(b["num_truncated"].sum())},
       mfu=True)
 
 
 def train(config, workdir) -> None:
-  """Stage 'dit'."""
+  """Stage 'dit'. In latent space it first copies the latent dataset's statistics to
+  <workdir>/latent_stats.json, so that the workdir alone (checkpoints, vae/ and that file)
+  is what sampling needs."""
   config_lib.validate(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   setup = build(config, mesh)
-  run(setup, dit_stage(config, workdir, setup), open_data(config, workdir), config)
+  data_iter = open_data(config, workdir)
+  if config_lib.space(config) == "latent" and jax.process_index() == 0:
+    d = data_config(config, workdir)
+    stats = pathlib.Path(d.data_dir, loader.LATENTS_DIR, d.latents_name, LATENT_STATS)
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(stats, pathlib.Path(workdir) / LATENT_STATS)
+  run(setup, dit_stage(config, workdir, setup), data_iter, config)
 
 
 # ----------------------------------------------------------------------------- VAE
