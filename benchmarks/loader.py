@@ -73,7 +73,12 @@ def main():
   args = p.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
 
+  # The recipe's DiT and data in pixel space (as first measured): the loader then decodes,
+  # crops and resizes pixel clips, its costliest path (latent records skip the resize).
   config = physics_tiny.get_config("tiny")
+  with config.unlocked():
+    config.stages, config.data.space, config.model.text = ("dit",), "pixel", "none"
+    config.model.patch_size, config.data.max_tokens_per_clip = (1, 4, 4), 128
   patch_size = tuple(config.model.patch_size)
   data_cfg = config.data.copy_and_resolve_references()   # the tiny recipe's data, as trained
   with data_cfg.unlocked():

@@ -30,10 +30,12 @@ def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
     v[name] = ml_collections.config_dict.placeholder(int)
   v.channel_multipliers = ml_collections.config_dict.placeholder(tuple)
   v.dtype = "float32"                  # compute dtype; parameters stay float32
+  if variant == "tiny":                # the recipe's: twice the table's width and latents
+    v.base_channels, v.latent_channels = 16, 8
 
   # Crops: 1 + 4k frames (frame 0 is coded alone), sides multiples of the spatial factor.
   # Clips shorter or smaller than the crop are skipped (and counted in skipped_clips).
-  v.crop_frames = 9
+  v.crop_frames = 5
   v.crop_height = 32
   v.crop_width = 32
   v.batch_size = 8                     # clips per global batch, split over data x fsdp
@@ -93,7 +95,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.max_tokens_per_clip = 256   # a CPU-sized cap; about 4 to 16 clips per row
   c.data.token_budget = 1024          # tokens per packed row
   c.data.max_clips_per_row = 16
-  c.data.caption_len = 64             # byte tokens (or embedding rows) kept per caption
+  c.data.caption_len = 32             # byte tokens (or embedding rows) kept per caption
   c.data.packing_bins = 64            # rows the packer fills at once (more: less padding)
   c.data.batch_size = 4               # rows per global batch, split over data x fsdp
   c.data.channels = 3
@@ -110,6 +112,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4.0
   c.model.attention = "chunked"       # xla (dense), chunked (flash, linear memory), cudnn, splash
   c.model.causal = False
+  # Attention over a sequence split on the context axis (config.mesh.context > 1): "none"
+  # (XLA moves what it needs), "ulysses" (all-to-all to whole sequences, heads split),
+  # "ring" (key/value blocks passed around), or "ulysses_ring" (Ulysses within groups of
+  # ulysses_degree devices, ring across them).
+  c.model.context_parallel = "none"
+  c.model.ulysses_degree = 1
   # Captions: "bytes" (a byte tokenizer and a small text encoder trained with the model),
   # "embeddings" (a source's precomputed `caption_embedding` rows, text_embed_dim wide, from
   # any external encoder) or "none" (unconditional). Cross-attention reads them per clip.
@@ -167,7 +175,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.vae = vae_block("tiny" if variant == "tiny" else "small")
 
   c.latents = ml_collections.ConfigDict()
-  c.latents.chunk_frames = 32         # pixel frames encoded at a time (memory, not results)
+  # Pixel frames encoded at a time (memory, not results); clips are padded in time to the
+  # next chunk, so all clips of one frame size share a compiled shape: >= the longest clip.
+  c.latents.chunk_frames = 16
   c.latents.batch_size = 8            # equal-size clips encoded together
 
   c.sample = ml_collections.ConfigDict()

@@ -17,14 +17,16 @@ from worldsim.train import metrics, trainer
 
 
 def _one_step(config, mesh_shape):
-  """Initialise and take one step on a mesh of `mesh_shape` (data, fsdp, tensor)."""
+  """Initialise and take one step on a mesh of `mesh_shape` (data, fsdp, tensor, context)."""
   with config.unlocked():
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (list(mesh_shape) + [1, 1])[:3]
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.context = (
+        list(mesh_shape) + [1, 1, 1])[:4]
   n = int(np.prod(mesh_shape))
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:n])
   setup = trainer.build(config, mesh)
-  batch = next(iter(loader.make_dataset(config.data, config.model.patch_size, config.seed)))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+  batch = next(iter(loader.make_dataset(config.data, config.model.patch_size, config.seed,
+                                        text=config.model.text)))
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):   # ulysses_ring: refactored
     state = setup.init(jax.random.PRNGKey(0))
     state, step_metrics = setup.train_step(state, mesh_lib.global_batch(batch, setup.batch_shardings))
   return state, jax.device_get(step_metrics)
@@ -37,6 +39,22 @@ def test_one_step_is_the_same_on_every_mesh(tiny_config):
     np.testing.assert_allclose(step_metrics["loss"], reference["loss"], rtol=1e-5)
     chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(reference_state.params),
                                 rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy,mesh_shape,ulysses", [
+    ("ulysses", (2, 1, 1, 4), 1), ("ring", (1, 2, 2, 2), 1), ("ulysses_ring", (2, 1, 1, 4), 2)])
+def test_context_parallel_step_matches_one_device(tiny_config, strategy, mesh_shape, ulysses):
+  """A step with the sequence split over `context` (data, fsdp, tensor, context) gives the
+  loss and parameters of one device."""
+  with tiny_config.unlocked():
+    tiny_config.model.causal = True             # the block-causal mask crosses shards too
+  reference_state, reference = _one_step(tiny_config.copy_and_resolve_references(), (1,))
+  with tiny_config.unlocked():
+    tiny_config.model.context_parallel, tiny_config.model.ulysses_degree = strategy, ulysses
+  state, step_metrics = _one_step(tiny_config, mesh_shape)
+  np.testing.assert_allclose(step_metrics["loss"], reference["loss"], rtol=1e-5)
+  chex.assert_trees_all_close(jax.device_get(state.params),
+                              jax.device_get(reference_state.params), rtol=1e-5, atol=1e-6)
 
 
 def test_parameters_are_sharded_as_the_rules_say(tiny_config):
@@ -159,3 +177,10 @@ def test_pixel_space_model_samples_and_keeps_its_context(tiny_config, tmp_path):
   continued = sim.sample(num_frames=6, height=24, width=16, steps=4, seed=2, context=video[:2])
   np.testing.assert_array_equal(continued[:2], video[:2])
   assert not np.array_equal(continued[2:4], video[2:4])
+  # Guidance 0 leaves the null caption's velocity alone (the guided path, both passes in one
+  # batch): the clip of no caption, up to rounding.
+  size = dict(num_frames=4, height=16, width=16, steps=4, seed=3)
+  guided = sim.sample("a red ball", guidance=0.0, **size).astype(int)
+  assert np.abs(guided - sim.sample(None, **size)).max() <= 1
+  with pytest.raises(ValueError, match="reads captions as text"):
+    sim.sample(np.zeros((2, 4)), **size)

@@ -179,3 +179,17 @@ def test_a_few_optax_steps_reduce_l1_plus_kl(params):
     p, opt_state, loss = step(p, opt_state, jax.random.key(i, impl="unsafe_rbg"))
     losses.append(float(loss))
   assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2), (1, 2, 2)])
+def test_temporal_tap_conv_equals_a_3d_conv(strides):
+  """The VAE's conv (one 2D conv per temporal tap, summed) is a 3D conv with 'same' spatial
+  and no temporal padding, kernel for kernel."""
+  conv = vae._TemporalTapConv(6, (3, 3, 3), strides, ("conv_in", "conv_out"), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 8, 10, 5))
+  params = random_params(conv, x)
+  kernel, bias = params["params"]["kernel"], params["params"]["bias"]
+  expected = jax.lax.conv_general_dilated(
+      x, kernel, strides, ((0, 0), (1, 1), (1, 1)),
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + bias
+  np.testing.assert_allclose(conv.apply(params, x), expected, atol=1e-5, rtol=1e-5)

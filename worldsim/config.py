@@ -3,6 +3,7 @@ import jax
 
 from data_pipelines import loader
 from worldsim.models import attention, dit, vae as vae_lib
+from worldsim.parallel import context as context_lib
 from worldsim.parallel import mesh as mesh_lib
 
 STAGES = ("vae", "latents", "dit", "samples")
@@ -111,6 +112,7 @@ def _validate_dit(config, num_devices: int) -> None:
   _check(d.token_budget % sizes["context"] == 0,
          f"config.data.token_budget={d.token_budget} must be divisible by the context axis "
          f"({sizes['context']}), which splits each row's tokens")
+  _validate_context_parallel(config, sizes, heads)
   text = m.get("text", "none")
   _check(text in dit.TEXT_INPUTS,
          f"config.model.text={text!r} is unknown; choose from {dit.TEXT_INPUTS}")
@@ -147,6 +149,25 @@ def _validate_dit(config, num_devices: int) -> None:
   else:
     _check(all(n % p == 0 for n, p in zip(size, m.patch_size)),
            f"config.sample size {size} must divide into patches of {tuple(m.patch_size)}")
+
+
+def _validate_context_parallel(config, sizes: dict, heads: int) -> None:
+  strategy = config.model.get("context_parallel", "none")
+  _check(strategy == "none" or strategy in context_lib.STRATEGIES,
+         f"config.model.context_parallel={strategy!r} is unknown; choose 'none' or one of "
+         f"{context_lib.STRATEGIES}")
+  context, tensor = sizes["context"], sizes["tensor"]
+  ulysses = {"ulysses": context, "ulysses_ring": config.model.get("ulysses_degree", 1)}
+  if strategy == "ulysses_ring":
+    _check(ulysses[strategy] >= 1 and context % ulysses[strategy] == 0,
+           f"config.model.ulysses_degree={ulysses[strategy]} must divide the context axis "
+           f"({context}): Ulysses within groups of that many devices, ring across them")
+  if strategy in ulysses:
+    degree = tensor * ulysses[strategy]
+    _check(heads % degree == 0,
+           f"{heads} heads do not split over tensor x Ulysses = {tensor} x {ulysses[strategy]} "
+           f"devices; use a head count divisible by {degree}, a smaller Ulysses degree, or "
+           f"--config.model.context_parallel=ring")
 
 
 def _nearest(value: int, step: int, first: int) -> str:

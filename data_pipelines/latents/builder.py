@@ -13,7 +13,8 @@ Record (one source clip; read back as numpy arrays, text as bytes):
   frame. Latent frame 0 <- pixel frame 0; latent frame j > 0 <- pixel frames 4j-3 .. 4j.
   The frame and crop rules are in encode.py: clips are cut to the largest 1 + 4k frames
   (never padded; a 1-frame clip is kept, a clip with no frames is skipped and counted) and
-  frames to multiples of s by dropping the last rows / columns (positions keep their origin).
+  frames to multiples of s (or of build()'s size_multiple) by dropping the last rows / columns
+  (positions keep their origin).
 
 Layout under data_dir/<name>/ (name: one latent dataset = one source x one VAE):
   latents/host{i}of{n}/1.0.0/   TFDS build (ArrayRecord) of host i's shard: source indices
@@ -83,11 +84,11 @@ class Latents(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, source=None, encoder: Optional[encode_lib.ClipEncoder] = None,
                frame_fields: Sequence[str] = FRAME_FIELDS, process_index: int = 0,
-               process_count: int = 1, label: str = "", **kwargs):
+               process_count: int = 1, label: str = "", size_multiple: int = 0, **kwargs):
     kwargs.setdefault("file_format", "array_record")
     self._source, self._encoder, self._frame_fields = source, encoder, tuple(frame_fields)
     self._process_index, self._process_count = process_index, process_count
-    self._label = label
+    self._label, self._size_multiple = label, size_multiple
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -113,8 +114,8 @@ class Latents(tfds.core.GeneratorBasedBuilder):
                        f"(T, H, W, {cfg.in_channels})")
     frames, height, width, _ = video.shape
     kept = encode_lib.kept_frames(frames, cfg.temporal_factor)
-    h = encode_lib.kept_size(height, cfg.spatial_factor)
-    w = encode_lib.kept_size(width, cfg.spatial_factor)
+    multiple = self._size_multiple or cfg.spatial_factor
+    h, w = encode_lib.kept_size(height, multiple), encode_lib.kept_size(width, multiple)
     if kept == 0:
       counts["no_frames"] += 1
       return None
@@ -169,7 +170,7 @@ def _vae_json(model: vae_lib.VAE) -> dict:
 
 
 def _write_stats(root: Path, shards: list, model: vae_lib.VAE, source_clips: int,
-                 chunk_frames: int) -> None:
+                 chunk_frames: int, size_multiple: int) -> None:
   counts, stats = dict.fromkeys(_COUNTS, 0), encode_lib.ChannelStats.zeros(
       model.cfg.latent_channels)
   for shard in shards:
@@ -190,6 +191,7 @@ def _write_stats(root: Path, shards: list, model: vae_lib.VAE, source_clips: int
       "cropped_clips": counts["cropped"],
       "frame_rule": "first 1 + 4k frames kept; latent 0 <- frame 0, latent j <- frames 4j-3..4j",
       "chunk_frames": chunk_frames,
+      "size_multiple": size_multiple,
       "vae": _vae_json(model),
       "version": str(Latents.VERSION),
       "shards": shards,
@@ -214,7 +216,7 @@ def _check_built(root: Path, model: vae_lib.VAE, source) -> dict:
 
 
 def build(data_dir, source, vae_model: vae_lib.VAE, vae_params, *, name: str,
-          chunk_frames: int = 32, batch_size: int = 8,
+          chunk_frames: int = 32, batch_size: int = 8, size_multiple: int = 0,
           frame_fields: Sequence[str] = FRAME_FIELDS, mesh: Optional[jax.sharding.Mesh] = None,
           rules=vae_lib.RULES, max_buffered: Optional[int] = None) -> tfds.core.DatasetBuilder:
   """Encodes `source` into the latent dataset data_dir/<name> (skipped when already built).
@@ -229,6 +231,10 @@ def build(data_dir, source, vae_model: vae_lib.VAE, vae_params, *, name: str,
   chunk_frames: clips are coded in chunks of this many pixel frames (a multiple of 4; the
     first chunk has one more), so memory does not grow with the clip length.
   batch_size: equal-shape clips coded together (padded to a multiple of the batch devices).
+  size_multiple: frames are cut to multiples of this many pixels (a multiple of the spatial
+    factor s; 0 = s). Every distinct clip shape costs one compile of the encoder, so a
+    coarser multiple (the DiT's patch in pixels, which the DiT crops to anyway) encodes a
+    dataset of many sizes several times faster.
   frame_fields: top-level fields with one row per pixel frame, cut with the video.
   mesh: this host's devices, axes (data, fsdp, tensor, context); default every local device
     on `data`. rules: the VAE's logical axis rules.
@@ -244,17 +250,23 @@ def build(data_dir, source, vae_model: vae_lib.VAE, vae_params, *, name: str,
   if len(source) < count:
     raise ValueError(f"the source has {len(source)} clips, fewer than the {count} hosts that "
                      "would each write a shard")
+  s = vae_model.cfg.spatial_factor
+  size_multiple = size_multiple or s
+  if size_multiple % s:
+    raise ValueError(f"size_multiple={size_multiple} must be a multiple of the VAE's spatial "
+                     f"factor {s}")
   encoder = encode_lib.ClipEncoder(vae_model, vae_params, chunk_frames=chunk_frames,
                                    batch_size=batch_size, max_buffered=max_buffered,
                                    mesh=mesh, rules=rules)
   builder = Latents(data_dir=root, config=tfds.core.BuilderConfig(name=_shard_name(index, count)),
                     source=source, encoder=encoder, frame_fields=frame_fields,
-                    process_index=index, process_count=count, label=name)
+                    process_index=index, process_count=count, label=name,
+                    size_multiple=size_multiple)
   builder.download_and_prepare()    # a no-op for a shard already built
   _barrier(f"latents {root}: shards written")
   if index == 0:
     shards = [f"{Latents.name}/{_shard_name(i, count)}/{Latents.VERSION}" for i in range(count)]
-    _write_stats(root, shards, vae_model, len(source), chunk_frames)
+    _write_stats(root, shards, vae_model, len(source), chunk_frames, size_multiple)
   _barrier(f"latents {root}: stats written")
   return builder
 

@@ -15,14 +15,16 @@ coordinates in the record (physics positions) keep their meaning; flags computed
 full frame (physics `visible`) are not recomputed for the few dropped rows and columns. A
 frame smaller than s on a side is skipped and counted.
 
-Encoding. Clips of one (frames, height, width) are grouped into batches of up to
-`batch_size`; each batch is coded in temporal chunks with the VAE's streaming cache (the
-first chunk 1 + chunk_frames frames, then chunk_frames at a time), so device memory depends
-on batch_size x chunk_frames x frame size and never on the clip length; a clip no longer
-than 1 + chunk_frames is coded in one call. The batch is split over the local devices along
-the mesh's (data, fsdp) axes (the VAE's data sharding, from its logical rules) and padded up
-to a multiple of that many devices with copies of its last clip (on accelerators this costs
-no time: each device codes one clip either way); the parameters are replicated. One jit per
+Encoding. Clips are padded in time (their last frame repeated, which the causal encoder
+cannot see from earlier frames) to the next chunk boundary (coded_frames), and clips of one
+coded (frames, height, width) are grouped into batches of up to `batch_size`; each batch is
+coded in temporal chunks with the VAE's streaming cache (the first chunk 1 + chunk_frames
+frames, then chunk_frames at a time), so device memory depends on batch_size x chunk_frames
+x frame size and never on the clip length; a clip no longer than 1 + chunk_frames is coded
+in one call. The batch is split over the local devices along the mesh's (data, fsdp) axes
+(the VAE's data sharding, from its logical rules) and filled up to batch_size (rounded up to
+a multiple of that many devices) with copies of its last clip, so every batch of one frame
+size has one shape; the parameters are replicated. One jit per
 (batch, chunk shape) is compiled and reused, also across builds in one process. Host memory
 holds at most max_buffered source clips and their latents.
 """
@@ -184,11 +186,31 @@ class ClipEncoder:
       return _encode_chunk(self.model, self.rules, self.params,
                            jax.device_put(x, self.batch_sharding), cache)
 
+  def coded_frames(self, frames: int) -> int:
+    """The frames a clip of `frames` frames is coded with: up to the next chunk boundary (at
+    least 1 + chunk_frames) by repeating its last frame. The encoder is causal, so the clip's
+    own latents are exactly what they would be alone, and the extra ones are dropped; every
+    clip of one frame size then shares one compiled shape per chunk, whatever its length
+    (a compile costs about 30 times an encode of a small clip on a CPU)."""
+    c = self.chunk_frames
+    return 1 + max(1, -(-(frames - 1) // c)) * c
+
+  def _pad_frames(self, video: np.ndarray) -> np.ndarray:
+    extra = self.coded_frames(len(video)) - len(video)
+    return np.concatenate([video, np.repeat(video[-1:], extra, axis=0)]) if extra else video
+
   def encode_batch(self, videos: list) -> list:
-    """Equal-shape clips (T, H, W, 3), T = 1 + t*k, H and W multiples of s -> their means
-    (T', H/s, W/s, C) as float32 numpy arrays."""
+    """Clips (T_i, H, W, 3) of one frame size, T_i = 1 + t*k, H and W multiples of s -> their
+    means (T_i', H/s, W/s, C) as float32 numpy arrays."""
     n = len(videos)
-    padded = n + (-n % self.batch_shards)
+    frames = [len(v) for v in videos]
+    for f in frames:
+      vae_lib.check_num_frames(f, self.model.cfg.temporal_factor)
+    videos = [self._pad_frames(v) for v in videos]
+    # A partial batch is filled up to batch_size too: one compiled batch shape, not one per
+    # group size.
+    size = max(n, self.batch_size)
+    padded = size + (-size % self.batch_shards)
     batch = np.stack(list(videos) + [videos[-1]] * (padded - n))
     if batch.dtype != np.uint8:        # uint8 travels as is and is scaled on the device
       batch = to_unit_range(batch)
@@ -199,18 +221,22 @@ class ClipEncoder:
       means.append(np.asarray(mean))
     latent = np.concatenate(means, axis=1)
     chex.assert_shape(latent, (padded, *self.model.cfg.latent_shape(*batch.shape[1:4])))
-    return [latent[i] for i in range(n)]
+    return [latent[i, :self.model.cfg.latent_frames(f)] for i, f in enumerate(frames)]
 
   def encode_all(self, clips: Iterable) -> Iterator:
-    """(key, video) pairs -> (key, latent) pairs, in batches of equal-shape clips (see
-    group_by_shape; the output order differs from the input order)."""
-    for group in group_by_shape(clips, self.batch_size, self.max_buffered):
+    """(key, video) pairs -> (key, latent) pairs, in batches of clips coded with one shape
+    (see group_by_shape and coded_frames; the output order differs from the input order)."""
+    def coded_shape(video):
+      return (self.coded_frames(len(video)), *video.shape[1:])
+    for group in group_by_shape(clips, self.batch_size, self.max_buffered, coded_shape):
       keys, videos = zip(*group)
       yield from zip(keys, self.encode_batch(list(videos)))
 
 
-def group_by_shape(clips: Iterable, batch_size: int, max_buffered: int) -> Iterator[list]:
-  """(key, array) pairs -> lists of up to batch_size pairs whose arrays have one shape.
+def group_by_shape(clips: Iterable, batch_size: int, max_buffered: int,
+                   shape_of=lambda array: array.shape) -> Iterator[list]:
+  """(key, array) pairs -> lists of up to batch_size pairs whose arrays have one shape (or
+  one `shape_of`).
 
   A group leaves as soon as it is full. At most `max_buffered` clips wait for company: when
   more do, the fullest group leaves at once, so host memory stays bounded whatever the mix of
@@ -219,15 +245,14 @@ def group_by_shape(clips: Iterable, batch_size: int, max_buffered: int) -> Itera
   groups: dict = {}
   waiting = 0
   for key, video in clips:
-    group = groups.setdefault(video.shape, [])
+    shape = shape_of(video)
+    group = groups.setdefault(shape, [])
     group.append((key, video))
     waiting += 1
-    if len(group) >= batch_size:
-      shape = video.shape
-    elif waiting > max_buffered:
-      shape = max(groups, key=lambda s: len(groups[s]))
-    else:
-      continue
+    if len(group) < batch_size:
+      if waiting <= max_buffered:
+        continue
+      shape = max(groups, key=lambda s: len(groups[s]))    # the fullest group leaves
     waiting -= len(groups[shape])
     yield groups.pop(shape)
   yield from groups.values()

@@ -271,3 +271,42 @@ def test_video_folder_clips_flow_through(tmp_path):
                             min_frames=4, max_frames=8, token_budget=512, packing_bins=2,
                             batch_size=2)
   _assert_source_flows_through(d, video_folder.load(tmp_path / "data"), action_dim=0)
+
+
+def test_captions_travel_with_their_clips_as_bytes_or_embeddings():
+  """Each clip's caption lands in its own slot of the row's text with the clip's segment id;
+  precomputed embeddings (any width) travel the same way, cut to caption_len rows."""
+  from worldsim.models import text as text_lib
+
+  class Captioned(shapes.ShapesSource):
+    def __getitem__(self, index):
+      record = super().__getitem__(index)
+      record["caption"] = f"clip {index}"
+      record["caption_embedding"] = np.full((3 + index % 4, 5), float(index), np.float32)
+      return record
+
+  d = data_config_for_tests(caption_len=4)
+  source = Captioned(num_clips=d.num_clips, min_frames=d.min_frames, max_frames=d.max_frames,
+                     min_side=d.min_side, max_side=d.max_side, max_shapes=2, seed=SEED)
+  import unittest.mock
+  with unittest.mock.patch.object(loader, "make_source", lambda d, seed: source):
+    as_bytes = next(iter(loader.make_dataset(d, PATCH, SEED, text="bytes")))
+    as_rows = next(iter(loader.make_dataset(d, PATCH, SEED, text="embeddings")))
+  slots = d.max_clips_per_row * 4
+  assert as_bytes["text"].shape == as_bytes["text_segment_ids"].shape == (4, slots)
+  assert as_rows["text"].shape == (4, slots, 5)
+  for row in range(4):
+    for m, index in enumerate(as_bytes["clip_index"][row]):
+      slot = slice(4 * m, 4 * m + 4)
+      if index < 0:       # no clip: an empty slot
+        assert not as_bytes["text_segment_ids"][row, slot].any()
+        continue
+      np.testing.assert_array_equal(as_bytes["text"][row, slot],
+                                    text_lib.tokenize([f"clip {index}"], 4)[0])
+      np.testing.assert_array_equal(as_bytes["text_segment_ids"][row, slot], m + 1)
+      assert as_bytes["captions"][row, m] == f"clip {index}"
+      rows = min(3 + index % 4, 4)                                       # cut to caption_len
+      np.testing.assert_array_equal(as_rows["text"][row, slot][:rows], index)
+      np.testing.assert_array_equal(as_rows["text"][row, slot][rows:], 0)
+      np.testing.assert_array_equal(as_rows["text_segment_ids"][row, slot],
+                                    [m + 1] * rows + [0] * (4 - rows))

@@ -11,6 +11,17 @@ With captions (DiTConfig.text = 'bytes' or 'embeddings', see models/text.py) it 
   text_segment_ids  (B, Lt)  the clip each caption token belongs to (0 = padding)
 and every block cross-attends from each video token to its own clip's caption.
 
+Positions and sizes never seen in training. A token's position is its integer (t, h, w)
+patch index in its own clip, from (0, 0, 0) at the clip's first latent frame and top-left
+patch; positions are never rescaled to a reference size. RoPE makes attention depend on
+position differences only, so a clip of an unseen size or length meets the same local
+offsets it trained on, plus longer-range offsets than any training clip had (a trained size
+range of n patches on an axis covers offsets below n); those are extrapolated, which works for
+moderate growth (a few times the trained extent) and degrades beyond. Rollouts keep counting
+t (the k-th latent frame of a rollout has t = k), so within one attention window only the
+offsets matter. With theta = 10^4 the slowest rotation has a wavelength of about 10^4 patches
+on every axis, so no practical size wraps around.
+
 Conditioning is adaLN-Zero in its "single" form (PixArt-alpha): the timestep embedding is
 projected to the six modulation vectors once per token, and each block adds a learned table
 of its own. Per-block projections of a per-token condition would cost 6 D^2 multiply-adds
@@ -47,6 +58,7 @@ from worldsim.diffusion import samplers
 from worldsim.models import attention as attention_lib
 from worldsim.models import layers
 from worldsim.models import text as text_lib
+from worldsim.parallel import context as context_lib
 
 # name: (width, depth, heads); the DiT paper's S/B/L/XL, and a CPU-sized tiny.
 VARIANTS = {
@@ -75,6 +87,10 @@ class DiTConfig:
   rope_theta: float = 10000.0
   text: str = "none"        # one of TEXT_INPUTS
   text_depth: int = 2       # TextEncoder layers (text='bytes')
+  # Self-attention over a sequence sharded on the mesh's context axis: 'none' (XLA gathers
+  # what it needs), or one of parallel/context.py's STRATEGIES ('ulysses', 'ring',
+  # 'ulysses_ring'), run inside the mesh set by jax.set_mesh.
+  context_parallel: str = "none"
 
   @property
   def head_dim(self) -> int:
@@ -105,7 +121,8 @@ def config_from(model_cfg, token_dim: int) -> DiTConfig:
       dtype=model_cfg.dtype,
       # Read with defaults: configs written before captions existed stay valid.
       text=model_cfg.get("text", "none"),
-      text_depth=model_cfg.get("text_depth", 2))
+      text_depth=model_cfg.get("text_depth", 2),
+      context_parallel=model_cfg.get("context_parallel", "none"))
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -258,10 +275,14 @@ class Block(nn.Module):
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
     # positions[..., 0] is each token's latent frame within its own clip.
-    if cache is None:
+    if cache is None and cfg.context_parallel != "none":
+      o = context_lib.context_attention(q, k, v, segment_ids, strategy=cfg.context_parallel,
+                                        implementation=cfg.attention,
+                                        q_frames=positions[..., 0], causal=cfg.causal)
+    elif cache is None:
       o = attention_lib.attention(q, k, v, segment_ids, implementation=cfg.attention,
                                   q_frames=positions[..., 0], causal=cfg.causal)
-    else:
+    else:                     # a rollout's chunk: short, its cache held whole on each device
       # The chunk's keys join the past in the buffer, so attention runs over one static length;
       # unwritten slots are masked by their segment id, later frames by the causal mask.
       k = nn.with_logical_constraint(_write(cache.keys, k, cache.start),

@@ -9,6 +9,7 @@ for encoding again; `sample()` decodes its latents with the same VAE (`trained_v
 stage is complete, and skipped, when the dataset's latent_stats.json exists; a dataset of
 another VAE config under the same name is an error, not overwritten.
 """
+import math
 import os
 import pathlib
 from typing import Any, NamedTuple
@@ -52,6 +53,13 @@ def dataset_dir(config, workdir) -> pathlib.Path:
   return pathlib.Path(trainer.data_config(config, workdir).data_dir) / loader.LATENTS_DIR
 
 
+def patch_pixels(config) -> int:
+  """Pixels per DiT patch side: frames are cut to multiples of it at encode time, which the
+  DiT's loader would crop to anyway, and which bounds the clip shapes to compile for."""
+  _, ph, pw = config.model.patch_size
+  return vae_lib.config_from(config.vae).spatial_factor * math.lcm(int(ph), int(pw))
+
+
 def encode(config, workdir) -> None:
   """Stage 'latents'. Every host runs it; each encodes its own shard of the source."""
   config_lib.validate(config)
@@ -64,7 +72,8 @@ def encode(config, workdir) -> None:
   vae = trained_vae(config, workdir)
   latents_lib.build(root, source, vae.model, vae.variables, name=d.latents_name,
                     chunk_frames=config.latents.chunk_frames,
-                    batch_size=config.latents.batch_size, rules=config.vae.rules)
+                    batch_size=config.latents.batch_size, rules=config.vae.rules,
+                    size_multiple=patch_pixels(config))
   stats = latents_lib.load_stats(root, d.latents_name)
   logging.info("latents: %d of %d clips encoded into %s (VAE step %d)", stats["num_clips"],
                stats["source_clips"], os.fspath(root / d.latents_name), vae.step)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from data_pipelines import loader
 from worldsim import config as config_lib
 from worldsim.models import dit, patches, text as text_lib, vae as vae_lib
+from worldsim.parallel import context as context_lib
 from worldsim.parallel import mesh as mesh_lib
 from worldsim.scaling import flops
 from worldsim.train import checkpoint, metrics as metrics_lib, optim, step as step_lib
@@ -149,8 +150,12 @@ def example_batch(config) -> dict:
 
 
 def build(config, mesh) -> Setup:
-  """The DiT's Setup."""
+  """The DiT's Setup. With config.model.context_parallel='ulysses_ring' the mesh's context
+  axis is split into (ring, ulysses) axes of config.model.ulysses_degree Ulysses devices."""
   rules = mesh_lib.rules(config.mesh)
+  if config.model.get("context_parallel", "none") == "ulysses_ring":
+    mesh = context_lib.factor_context_axis(mesh, config.model.ulysses_degree)
+    rules = context_lib.factor_context_rules(rules)
   batch = example_batch(config)
   dit_cfg = dit.config_from(config.model, batch["tokens"].shape[-1])
   model = dit.DiT(dit_cfg)
