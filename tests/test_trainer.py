@@ -94,7 +94,7 @@ def test_resuming_continues_with_the_same_losses(tiny_config, tmp_path):
 
 MAIN_ARGS = ["--config=experiments/physics_tiny.py", "--config.data.num_clips=64",
              "--config.vae.steps=40", "--config.vae.log_every=10", "--config.vae.stats_batches=2",
-             "--config.train.steps=150", "--config.train.log_every=10",
+             "--config.train.steps=100", "--config.train.log_every=10",
              "--config.sample.num_videos=2", "--config.sample.steps=8"]
 
 
