@@ -125,6 +125,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.text_depth = 2
   c.model.text_embed_dim = 0          # "embeddings" only
   c.model.dtype = "float32"           # compute dtype; parameters stay float32
+  c.model.remat = "none"              # none, full, dots, offload (worldsim/models/dit.py)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.logit_normal_mean = 0.0
@@ -150,6 +151,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600
+  # Gradient accumulation: each step runs its batch in this many parts (rows j, j + k, ...)
+  # one after another, for a batch larger than activations allow at once.
+  c.train.accum_steps = 1
   c.train.log_every = 20
   c.train.save_every = 200
   c.train.keep_checkpoints = 2

@@ -28,7 +28,8 @@ def tiny_config():
     config.data.max_tokens_per_clip = 128
     config.data.token_budget = 256
     config.data.batch_size = 8
-    config.data.caption_len = 16       # captions stay cheaper than the 256 video tokens
+    config.model.text = "none"         # tests of captions switch them on (and caption_len)
+    config.data.caption_len = 16
     config.train.steps = 6
     config.train.save_every = 3
     config.train.log_every = 1

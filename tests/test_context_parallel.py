@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
+from tests.test_attention import HEAD_DIM, output_and_grads, qkv
 from worldsim.models import attention as attention_lib
 from worldsim.parallel import context as context_lib
 from worldsim.parallel import mesh as mesh_lib
 
-HEAD_DIM = 8
 TOKENS_PER_FRAME = 6
 
 
@@ -35,25 +35,6 @@ def packed_ids(length, rows):
       frames[row, start:start + clip_length] = np.arange(clip_length) // TOKENS_PER_FRAME
       start += clip_length
   return jnp.asarray(segments), jnp.asarray(frames)
-
-
-def qkv(batch, lq, lk, heads, seed=0):
-  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(kq, (batch, lq, heads, HEAD_DIM)),
-          jax.random.normal(kk, (batch, lk, heads, HEAD_DIM)),
-          jax.random.normal(kv, (batch, lk, heads, HEAD_DIM)))
-
-
-def output_and_grads(attend, q, k, v):
-  """attend(q, k, v) and jax.grad of a fixed random projection of it w.r.t. q, k, v."""
-  d_out = jax.random.normal(jax.random.key(1), q.shape)
-
-  @jax.jit
-  def run(q, k, v):
-    loss = lambda q, k, v: jnp.sum(attend(q, k, v) * d_out)
-    return attend(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-  return run(q, k, v)
 
 
 def assert_matches_reference(parallel, q, k, v, **attention_kwargs):

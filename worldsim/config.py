@@ -113,6 +113,8 @@ def _validate_dit(config, num_devices: int) -> None:
          f"config.data.token_budget={d.token_budget} must be divisible by the context axis "
          f"({sizes['context']}), which splits each row's tokens")
   _validate_context_parallel(config, sizes, heads)
+  _check(m.get("remat", "none") in dit.REMAT_POLICIES,
+         f"config.model.remat={m.get('remat')!r} is unknown; choose from {dit.REMAT_POLICIES}")
   text = m.get("text", "none")
   _check(text in dit.TEXT_INPUTS,
          f"config.model.text={text!r} is unknown; choose from {dit.TEXT_INPUTS}")
@@ -132,6 +134,11 @@ def _validate_dit(config, num_devices: int) -> None:
          f"set it between 0 and 1")
   _check(config.optim.learning_rate > 0, "config.optim.learning_rate must be > 0")
   _check(config.train.steps > 0, "config.train.steps must be > 0")
+  accum = config.train.get("accum_steps", 1)
+  _check(accum >= 1 and d.batch_size % (accum * shards) == 0,
+         f"config.train.accum_steps={accum}: each of its parts takes every accum_steps-th "
+         f"row, so config.data.batch_size={d.batch_size} must be divisible by accum_steps x "
+         f"data x fsdp = {accum} x {shards}")
   _check(config.train.save_every > 0, "config.train.save_every must be > 0")
   sample = config.sample
   size = (sample.num_frames, sample.height, sample.width)

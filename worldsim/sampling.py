@@ -185,9 +185,12 @@ class WorldSim:
     shift = flow.shift_for_tokens(seq_len, d.shift_base_tokens, d.max_shift)
 
     def forward(x, t, caption):
-      level = jnp.where(is_context[..., 0], 0.0, t)
+      rows = x.shape[0]                     # 2 when guided: caption and null caption
+      level = jnp.broadcast_to(jnp.where(is_context[..., 0], 0.0, t), (rows, seq_len))
       text_args = {} if caption is None else dict(text=caption[0], text_segment_ids=caption[1])
-      return self.model.apply({"params": self.params}, x, positions, segment_ids, level,
+      return self.model.apply({"params": self.params}, x,
+                              jnp.broadcast_to(positions, (rows, seq_len, 3)),
+                              jnp.broadcast_to(segment_ids, (rows, seq_len)), level,
                               **text_args)
 
     def velocity(x, t):

@@ -91,6 +91,7 @@ class DiTConfig:
   # what it needs), or one of parallel/context.py's STRATEGIES ('ulysses', 'ring',
   # 'ulysses_ring'), run inside the mesh set by jax.set_mesh.
   context_parallel: str = "none"
+  remat: str = "none"       # what the backward recomputes per block: one of REMAT_POLICIES
 
   @property
   def head_dim(self) -> int:
@@ -122,7 +123,8 @@ def config_from(model_cfg, token_dim: int) -> DiTConfig:
       # Read with defaults: configs written before captions existed stay valid.
       text=model_cfg.get("text", "none"),
       text_depth=model_cfg.get("text_depth", 2),
-      context_parallel=model_cfg.get("context_parallel", "none"))
+      context_parallel=model_cfg.get("context_parallel", "none"),
+      remat=model_cfg.get("remat", "none"))
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -312,6 +314,30 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), (k, v)
 
 
+# Rematerialisation of each block in the backward pass:
+#   none     keep every activation (fastest, most memory)
+#   full     keep only each block's input; recompute the block (least memory, ~1.3x time)
+#   dots     keep the matmul outputs that have no batch dimension (the projections and MLP),
+#            recompute the rest (norms, activations, attention's softmax)
+#   offload  as dots, but the kept outputs wait in pinned host memory (accelerators with a
+#            host memory space; XLA moves them back for the backward)
+REMAT_POLICIES = ("none", "full", "dots", "offload")
+
+
+def remat_block(policy: str):
+  """The Block class, wrapped in nn.remat under `policy` (REMAT_POLICIES)."""
+  if policy == "none":
+    return Block
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={policy!r} is unknown; choose from {REMAT_POLICIES}")
+  policies = {
+      "full": None,
+      "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+  }
+  return nn.remat(Block, policy=policies[policy], prevent_cse=True)
+
+
 class DiT(nn.Module):
   cfg: DiTConfig
 
@@ -405,10 +431,11 @@ class DiT(nn.Module):
           length=start + chunk_length)
 
     keys, values = [], []
+    block = remat_block(cfg.remat)
     for i in range(cfg.depth):
       block_cache = None if kv_cache is None else _BlockCache(
           kv_cache.keys[i], kv_cache.values[i], kv_cache.segment_ids, kv_cache.frames, start)
-      x, (k, v) = Block(cfg, name=f"block_{i}")(x, modulation, positions, segment_ids,
+      x, (k, v) = block(cfg, name=f"block_{i}")(x, modulation, positions, segment_ids,
                                                  block_cache, encoded_text)
       keys.append(k)
       values.append(v)

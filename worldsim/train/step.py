@@ -100,28 +100,70 @@ def drop_captions(rng, text, text_segment_ids, rate: float):
   return text, jnp.where(masked, 0, text_segment_ids)
 
 
-def dit_loss(params, model, batch, rng, diffusion_cfg):
-  """Rectified-flow loss: mean squared velocity error over the real (non-padding) tokens.
+def draw_noise(batch: dict, rng, diffusion_cfg) -> dict:
+  """The batch with its training noise drawn: per-token noise levels `t` (B, L), Gaussian
+  `eps` like the tokens, and the captions after dropout. Drawn for the whole batch at once,
+  so accumulating gradients over parts of it trains on exactly the same noise.
 
   With captions in the batch (`captions`), a share diffusion_cfg.caption_dropout (default 0)
   of the clips trains with the null caption instead (`drop_captions`).
   """
   x0, segment_ids = batch["tokens"], batch["segment_ids"]
   t_rng, eps_rng = jax.random.split(rng)
-  t = sample_noise_levels(t_rng, segment_ids, batch["positions"][..., 0], diffusion_cfg)
-  eps = jax.random.normal(eps_rng, x0.shape, x0.dtype)
-  caption_args = captions(batch)
+  noised = dict(batch, t=sample_noise_levels(t_rng, segment_ids, batch["positions"][..., 0],
+                                             diffusion_cfg),
+                eps=jax.random.normal(eps_rng, x0.shape, x0.dtype))
   rate = diffusion_cfg.get("caption_dropout", 0.0)
-  if caption_args and rate > 0:
+  if captions(batch) and rate > 0:
     # Folded in rather than split off: the noise levels and noise stay those of an
     # uncaptioned run with the same seed.
-    caption_args["text"], caption_args["text_segment_ids"] = drop_captions(
-        jax.random.fold_in(rng, 1), caption_args["text"], caption_args["text_segment_ids"], rate)
-  v_pred = model.apply({"params": params}, flow.noise(x0, eps, t), batch["positions"],
-                       segment_ids, t, **caption_args)
+    noised["text"], noised["text_segment_ids"] = drop_captions(
+        jax.random.fold_in(rng, 1), batch["text"], batch["text_segment_ids"], rate)
+  return noised
+
+
+def summed_loss(params, model, noised: dict):
+  """Sum over real (non-padding) tokens of the squared velocity error (mean over channels)."""
+  x0, eps, t, segment_ids = noised["tokens"], noised["eps"], noised["t"], noised["segment_ids"]
+  v_pred = model.apply({"params": params}, flow.noise(x0, eps, t), noised["positions"],
+                       segment_ids, t, **captions(noised))
   err = jnp.mean(jnp.square(v_pred - flow.velocity_target(x0, eps)), axis=-1)
-  valid = (segment_ids > 0).astype(jnp.float32)
-  return jnp.sum(err * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  return jnp.sum(err * (segment_ids > 0))
+
+
+def real_tokens(batch: dict):
+  return jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
+
+
+def dit_loss(params, model, batch, rng, diffusion_cfg):
+  """Rectified-flow loss: mean squared velocity error over the real (non-padding) tokens."""
+  return summed_loss(params, model, draw_noise(batch, rng, diffusion_cfg)) / real_tokens(batch)
+
+
+def _micro_batches(noised: dict, k: int) -> dict:
+  """(B, ...) -> (k, B / k, ...): micro-batch j holds rows j, j + k, ..., so a batch sharded
+  over devices keeps every micro-batch spread over all of them."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                      noised)
+
+
+def loss_and_grads(params, model, batch, rng, diffusion_cfg, accum_steps: int = 1):
+  """dit_loss and its gradient; with accum_steps > 1 the batch's rows are run in that many
+  parts one after another (activations of one part at a time), the gradients summed. Same
+  noise, same normalisation (by the whole batch's real tokens): the same loss and
+  gradients as one pass, up to float rounding."""
+  noised, total = draw_noise(batch, rng, diffusion_cfg), real_tokens(batch)
+  part_loss = lambda p, part: summed_loss(p, model, part) / total
+  if accum_steps == 1:
+    return jax.value_and_grad(part_loss)(params, noised)
+
+  def accumulate(carry, part):
+    loss, grads = jax.value_and_grad(part_loss)(params, part)
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, _micro_batches(noised, accum_steps))
+  return loss, grads
 
 
 def ema_update(ema, params, decay, step):
@@ -131,10 +173,11 @@ def ema_update(ema, params, decay, step):
 
 
 def dit_train_step(state: TrainState, batch: dict, *, model, tx, schedule, diffusion_cfg,
-                   ema_decay: float):
-  """One optimiser update. Pure: jit it with the state donated."""
+                   ema_decay: float, accum_steps: int = 1):
+  """One optimiser update (gradients accumulated over accum_steps parts of the batch). Pure:
+  jit it with the state donated."""
   rng = jax.random.fold_in(state.rng, state.step)
-  loss, grads = jax.value_and_grad(dit_loss)(state.params, model, batch, rng, diffusion_cfg)
+  loss, grads = loss_and_grads(state.params, model, batch, rng, diffusion_cfg, accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(

@@ -166,7 +166,8 @@ def build(config, mesh) -> Setup:
   axes = {**BATCH_AXES, **TEXT_AXES[dit_cfg.text]}
   batch_shardings = {k: mesh_lib.logical_sharding(mesh, rules, v) for k, v in axes.items()}
   update = functools.partial(step_lib.dit_train_step, model=model, tx=tx, schedule=schedule,
-                             diffusion_cfg=config.diffusion, ema_decay=config.optim.ema_decay)
+                             diffusion_cfg=config.diffusion, ema_decay=config.optim.ema_decay,
+                             accum_steps=config.train.get("accum_steps", 1))
   train_step = jax.jit(update, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, None), donate_argnums=0)
   init = mesh_lib.sharded_init(init_fn, state_shardings)
