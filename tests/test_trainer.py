@@ -135,7 +135,7 @@ MAIN_ARGS = ["--config=experiments/physics_tiny.py", "--config.data.num_clips=64
              "--config.data.max_side=40", "--config.data.caption_len=16",
              "--config.vae.crop_height=16", "--config.vae.crop_width=16",
              "--config.vae.steps=30", "--config.vae.log_every=10", "--config.vae.stats_batches=2",
-             "--config.train.steps=80", "--config.optim.warmup_steps=20",
+             "--config.train.steps=60", "--config.optim.warmup_steps=10",
              "--config.train.log_every=10",
              "--config.sample.num_videos=2", "--config.sample.steps=8"]
 
@@ -212,6 +212,7 @@ def test_pixel_space_model_samples_and_keeps_its_context(tiny_config, tmp_path):
   from worldsim import sampling
   with tiny_config.unlocked():
     tiny_config.model.text = "bytes"
+    tiny_config.train.steps = 2
   trainer.train(tiny_config, tmp_path)
   sim = sampling.WorldSim(tmp_path)
   video = sim.sample(num_frames=4, height=24, width=16, steps=4, seed=1)

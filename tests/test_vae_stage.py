@@ -59,7 +59,7 @@ def test_vae_stage_trains_and_writes_latent_stats(trained):
   assert rows[-2]["skipped_clips"] > 0          # clips shorter than the crop: skipped, counted
   assert (trained / "vae" / "checkpoints" / "30").is_dir()
   stats = json.loads((trained / "vae" / "latent_stats.json").read_text())
-  assert stats["vae"]["latent_channels"] == 4 and stats["step"] == 30
+  assert stats["vae"]["latent_channels"] == 8 and stats["step"] == 30   # the recipe's 8
   assert len(stats["shift"]) == len(stats["scale"]) == 4
   assert all(s > 0 for s in stats["scale"]) and np.all(np.isfinite(stats["shift"]))
 
