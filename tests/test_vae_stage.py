@@ -60,7 +60,7 @@ def test_vae_stage_trains_and_writes_latent_stats(trained):
   assert (trained / "vae" / "checkpoints" / "30").is_dir()
   stats = json.loads((trained / "vae" / "latent_stats.json").read_text())
   assert stats["vae"]["latent_channels"] == 8 and stats["step"] == 30   # the recipe's 8
-  assert len(stats["shift"]) == len(stats["scale"]) == 4
+  assert len(stats["shift"]) == len(stats["scale"]) == 8
   assert all(s > 0 for s in stats["scale"]) and np.all(np.isfinite(stats["shift"]))
 
 
