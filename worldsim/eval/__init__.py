@@ -10,10 +10,12 @@ physics.py       position error, gravity, bounce/collision timing, interpenetrat
 masks.py         Physics-IQ-style motion masks: spatial, spatiotemporal, weighted IoU, MSE
 video_metrics.py PSNR and SSIM over the horizon; controllability (true vs shuffled actions)
 report.py        the report, its JSON and plots (plots.py), the engine-vs-engine ceiling
+headline.py      headline(config, workdir): a trained model's mean report on held-out scenes
 
 Needs the physics extra (pymunk): the object colours come from the physics world's palette.
 """
+from worldsim.eval.headline import headline
 from worldsim.eval.report import engine_ceiling, physics_report, write_report
 from worldsim.eval.video_metrics import controllability
 
-__all__ = ['controllability', 'engine_ceiling', 'physics_report', 'write_report']
+__all__ = ['controllability', 'engine_ceiling', 'headline', 'physics_report', 'write_report']
