@@ -70,7 +70,9 @@ is blurry. The crop of clip `index` in pass `epoch` draws from crop_rng(seed, ep
 """
 import dataclasses
 import functools
+import json
 import os
+import pathlib
 from typing import NamedTuple, Optional, Sequence
 
 from absl import logging
@@ -104,8 +106,21 @@ def latent_to_pixels(latent) -> np.ndarray:
 
 
 class BadRecord(ValueError):
-  """A record that cannot become a clip (too short or small, wrong channels, NaN, actions that
-  do not match the frames)."""
+  """A record that cannot become a clip (unreadable, no video, too short or small, wrong
+  channels or dtype, NaN or Inf, actions that do not match the frames)."""
+
+
+def read_record(source, index: int) -> dict:
+  """source[index], or BadRecord when it cannot be read: a damaged file or a record that fails
+  to decode must cost one clip, not the run. (Sources decode with TFDS feature decoders,
+  numpy and JSON; nothing on this path unpickles.)"""
+  try:
+    record = source[index]
+  except Exception as e:            # decoders raise many types (zlib, tensorstore, OSError...)
+    raise BadRecord(f"unreadable record ({type(e).__name__}: {e})") from e
+  if not isinstance(record, dict) or "video" not in record:
+    raise BadRecord(f"record of type {type(record).__name__} has no 'video' field")
+  return record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +212,8 @@ def _check(record: dict, spec: ClipSpec) -> np.ndarray:
   pt, ph, pw = spec.patch_size
   if video.ndim != 4 or video.shape[-1] != spec.channels:
     raise BadRecord(f"video of shape {video.shape}; expected (T, H, W, {spec.channels})")
+  if video.dtype != np.uint8 and video.dtype.kind != "f":
+    raise BadRecord(f"video of dtype {video.dtype}; expected uint8 pixels or float latents")
   if video.shape[0] < pt or video.shape[1] < ph or video.shape[2] < pw:
     raise BadRecord(f"video of shape {video.shape} is smaller than one patch {spec.patch_size}")
   if video.dtype.kind == "f" and not np.isfinite(video).all():
@@ -215,6 +232,8 @@ def prepare_clip(record: dict, spec: ClipSpec, rng: np.random.Generator) -> dict
   actions = np.asarray(record.get("actions", np.zeros((t, 0))), np.float32)
   if len(actions) != t:
     raise BadRecord(f"{len(actions)} actions for {t} frames")
+  if not np.isfinite(actions).all():
+    raise BadRecord("actions hold NaN or infinite values")
   frames = int(rng.integers(min(spec.min_frames, t), min(spec.max_frames, t) + 1))
   gt, gh, gw = max(frames // pt, 1), h // ph, w // pw
   truncated = False
@@ -254,8 +273,8 @@ class ClipToTokens(grain.transforms.Map):
 
   def map(self, epoch_and_index) -> dict:
     epoch, index = (int(i) for i in epoch_and_index)
-    record = self.source[index]
     try:
+      record = read_record(self.source, index)
       clip = prepare_clip(record, self.spec, crop_rng(self.seed, epoch, index))
     except BadRecord as e:
       logging.log_first_n(logging.WARNING, "Skipping clip %d: %s", 10, index, e)
@@ -264,11 +283,12 @@ class ClipToTokens(grain.transforms.Map):
     caption = record.get("caption", b"")
     extra = {}
     if self.embeddings:
-      if CAPTION_EMBEDDING not in record:
-        logging.log_first_n(logging.WARNING, "Skipping clip %d: no %s field", 10, index,
+      embedding = np.asarray(record.get(CAPTION_EMBEDDING, np.nan), np.float32)
+      if embedding.ndim != 2 or not np.isfinite(embedding).all():       # missing: ndim 0
+        logging.log_first_n(logging.WARNING, "Skipping clip %d: no finite %s rows", 10, index,
                             CAPTION_EMBEDDING)
-        return {"bad": f"no {CAPTION_EMBEDDING}"}
-      extra[CAPTION_EMBEDDING] = np.asarray(record[CAPTION_EMBEDDING], np.float32)
+        return {"bad": f"no finite {CAPTION_EMBEDDING}"}
+      extra[CAPTION_EMBEDDING] = embedding
     return {**extra,"tokens": patches.patchify(clip["latent"], self.spec.patch_size),
             "positions": patches.positions(grid),
             "clip_grid": np.array(grid, np.int32),
@@ -361,12 +381,43 @@ class PackedRow(grain.transforms.Map):
     return batch_row
 
 
+class UnsafeMetadata(ValueError):
+  """A dataset's metadata names code to import."""
+
+
+def _class_names(tree):
+  """Every feature class a TFDS features.json names ('pythonClassName', legacy 'type')."""
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      if key in ("pythonClassName", "type") and isinstance(value, str):
+        yield value
+      else:
+        yield from _class_names(value)
+  elif isinstance(tree, list):
+    for value in tree:
+      yield from _class_names(value)
+
+
+def check_metadata_is_data(data_dir) -> None:
+  """Raises UnsafeMetadata when a features.json under data_dir names a feature class outside
+  TFDS: TFDS imports such a module by name when it opens the dataset (and, run from a
+  checkout, `runs.<...>.evil` would import a file planted beside the data), so a dataset
+  could run code. Our builders only write TFDS's own feature classes."""
+  for path in sorted(pathlib.Path(data_dir).rglob("features.json")):
+    for name in _class_names(json.loads(path.read_text())):
+      if not name.startswith("tensorflow_datasets."):
+        raise UnsafeMetadata(f"{path} names the feature class {name!r}, which TFDS would "
+                             f"import; only tensorflow_datasets.* classes are loaded. Rebuild "
+                             f"the dataset, or remove it if you did not write it")
+
+
 def make_source(data_cfg, seed: int):
   """The random-access source the DiT reads: the latent dataset of config.data.source when
   config.data.space is 'latent' (built by the `latents` stage), else its pixel clips."""
   d = data_cfg
   if d.get("space", "pixel") == "latent":
     from data_pipelines import latents
+    check_metadata_is_data(os.path.join(d.data_dir, LATENTS_DIR, d.latents_name))
     return latents.LatentClips(os.path.join(d.data_dir, LATENTS_DIR), d.latents_name)
   return pixel_source(d, seed)
 
@@ -380,6 +431,8 @@ def pixel_source(data_cfg, seed: int):
                         min_side=d.min_side, max_side=d.max_side, max_shapes=d.max_shapes,
                         seed=seed)
   # The TFDS sources import TFDS (and pymunk / PyAV / ALE) only when used.
+  if os.path.isdir(d.data_dir):
+    check_metadata_is_data(d.data_dir)
   if d.source == "physics_world":
     from data_pipelines import physics_world
     builder = physics_world.build(d.data_dir, num_clips=d.num_clips, seed=seed,  # no-op if built
@@ -443,6 +496,8 @@ def crop_clip(record: dict, frames: int, height: int, width: int, channels: int,
   video = np.asarray(record["video"])
   if video.ndim != 4 or video.shape[-1] != channels:
     raise BadRecord(f"video of shape {video.shape}; expected (T, H, W, {channels})")
+  if video.dtype != np.uint8 and video.dtype.kind != "f":
+    raise BadRecord(f"video of dtype {video.dtype}; expected uint8 pixels")
   t, h, w, _ = video.shape
   if t < frames or h < height or w < width:
     raise BadRecord(f"video of shape {video.shape} is smaller than the crop "
@@ -464,7 +519,7 @@ class ClipCrop(grain.transforms.Map):
   def map(self, epoch_and_index) -> dict:
     epoch, index = (int(i) for i in epoch_and_index)
     try:
-      video = crop_clip(self.source[index], *self.crop_shape, self.channels,
+      video = crop_clip(read_record(self.source, index), *self.crop_shape, self.channels,
                         crop_rng(self.seed, epoch, index))
     except BadRecord as e:
       logging.log_first_n(logging.WARNING, "Skipping clip %d: %s", 10, index, e)

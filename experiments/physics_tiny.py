@@ -157,6 +157,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.save_every = 200
   c.train.keep_checkpoints = 2
+  # A non-finite loss or gradient skips its update; this many in a row stop the run.
+  c.train.max_nonfinite_skips = 10
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # -1: whatever devices the other axes leave
@@ -186,6 +188,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_videos = 4
+  c.sample.sampler = "euler"          # euler, heun or dpmpp_2m (worldsim/diffusion/samplers.py)
   c.sample.steps = 32
   c.sample.guidance = 1.0             # classifier-free guidance scale; 1 = none (one pass)
   # What the samples stage asks for ("" = the unconditional model).

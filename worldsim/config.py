@@ -109,6 +109,7 @@ def _validate_dit(config, num_devices: int) -> None:
   _check(d.batch_size % shards == 0,
          f"config.data.batch_size={d.batch_size} must be divisible by data x fsdp = {shards} "
          f"(the batch is split over those mesh axes); use a multiple of {shards}")
+  _check_hosts(sizes)
   _check(d.token_budget % sizes["context"] == 0,
          f"config.data.token_budget={d.token_budget} must be divisible by the context axis "
          f"({sizes['context']}), which splits each row's tokens")
@@ -140,6 +141,9 @@ def _validate_dit(config, num_devices: int) -> None:
          f"row, so config.data.batch_size={d.batch_size} must be divisible by accum_steps x "
          f"data x fsdp = {accum} x {shards}")
   _check(config.train.save_every > 0, "config.train.save_every must be > 0")
+  _check(config.train.get("max_nonfinite_skips", 10) >= 1,
+         f"config.train.max_nonfinite_skips={config.train.get('max_nonfinite_skips')} must be "
+         f">= 1 (updates skipped in a row for a NaN / Inf loss before the run stops)")
   sample = config.sample
   size = (sample.num_frames, sample.height, sample.width)
   if geometry:
@@ -156,6 +160,24 @@ def _validate_dit(config, num_devices: int) -> None:
   else:
     _check(all(n % p == 0 for n, p in zip(size, m.patch_size)),
            f"config.sample size {size} must divide into patches of {tuple(m.patch_size)}")
+
+
+def _check_hosts(sizes: dict) -> None:
+  """Several hosts: each loads its own whole rows (loader: clips [process_index::
+  process_count], batch_size / process_count rows), so the batch axes must give every host
+  rows of its own (else hosts sharing rows would feed them different data, silently), and a
+  row's token and head shards (context, tensor) must stay on one host's devices."""
+  hosts = jax.process_count()
+  if hosts == 1:
+    return
+  shards = sizes["data"] * sizes["fsdp"]
+  _check(shards % hosts == 0,
+         f"config.mesh: data x fsdp = {shards} must be a multiple of the {hosts} hosts, which "
+         f"each load their own rows; move devices from tensor/context to data or fsdp")
+  within_host = sizes["tensor"] * sizes["context"]
+  _check(jax.local_device_count() % within_host == 0,
+         f"config.mesh: tensor x context = {within_host} must divide the "
+         f"{jax.local_device_count()} devices of one host: each host loads whole rows")
 
 
 def _validate_context_parallel(config, sizes: dict, heads: int) -> None:
@@ -231,6 +253,7 @@ def _validate_vae(config, num_devices: int, train: bool = True) -> None:
   _check(v.batch_size > 0 and v.batch_size % shards == 0,
          f"config.vae.batch_size={v.batch_size} must be divisible by data x fsdp = {shards} "
          f"(the batch is split over those mesh axes); use a multiple of {shards}")
+  _check_hosts(sizes)
   _check(v.optim.learning_rate > 0, "config.vae.optim.learning_rate must be > 0")
   for name in ("steps", "save_every", "log_every", "stats_batches"):
     _check(v[name] > 0, f"config.vae.{name}={v[name]} must be > 0")

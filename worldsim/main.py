@@ -1,7 +1,12 @@
 """Runs an experiment config's stages in order on a workdir.
 
   python -m worldsim.main --config=experiments/physics_tiny.py --workdir=runs/physics_tiny
+
+Exit codes: 0 done; 143 (trainer.PREEMPTED_EXIT_CODE) preempted by SIGTERM after saving the
+current step, so run the same command again to resume; 1 an error (its message says why).
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -33,8 +38,14 @@ def main(argv):
     jax.distributed.initialize()
   config = FLAGS.config
   config_lib.validate(config)
-  for stage in config.stages:
-    STAGES[stage](config, FLAGS.workdir)
+  try:
+    for stage in config.stages:
+      STAGES[stage](config, FLAGS.workdir)
+  except trainer.Preempted as e:
+    # Saved and committed: a distinct exit code, so a scheduler restarts the job (which
+    # resumes by itself) instead of marking it done.
+    logging.warning("%s; exiting with code %d", e, trainer.PREEMPTED_EXIT_CODE)
+    sys.exit(trainer.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -172,10 +172,29 @@ def ema_update(ema, params, decay, step):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
+def skip_if_nonfinite(new_state, state, *losses_and_norms):
+  """`new_state` if every value given (losses, gradient norms) is finite, else `state` with
+  only its step advanced; and 1.0 where the update was skipped (the `update_skipped` metric).
+
+  A NaN or Inf loss or gradient would poison the parameters, the optimizer's moments and the
+  EMA for good, so the whole update is dropped: an exact elementwise select, which keeps the
+  donated state's buffers. The step still advances, so the next step draws fresh noise
+  (fold_in(rng, step)) from the next batch, and state.step keeps counting batches consumed
+  (the loop's step and the checkpoint's name); the optimizer's own count, and with it the
+  learning-rate schedule, counts updates applied. A gradient norm that overflows to inf
+  counts as non-finite too.
+  """
+  finite = jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(v, jnp.float32)
+                                           for v in losses_and_norms])))
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return kept.replace(step=new_state.step), 1.0 - finite.astype(jnp.float32)
+
+
 def dit_train_step(state: TrainState, batch: dict, *, model, tx, schedule, diffusion_cfg,
                    ema_decay: float, accum_steps: int = 1):
-  """One optimiser update (gradients accumulated over accum_steps parts of the batch). Pure:
-  jit it with the state donated."""
+  """One optimiser update (gradients accumulated over accum_steps parts of the batch), or
+  none when the loss or a gradient is not finite (`skip_if_nonfinite`). Pure: jit it with
+  the state donated."""
   rng = jax.random.fold_in(state.rng, state.step)
   loss, grads = loss_and_grads(state.params, model, batch, rng, diffusion_cfg, accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -183,8 +202,10 @@ def dit_train_step(state: TrainState, batch: dict, *, model, tx, schedule, diffu
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state,
       ema_params=ema_update(state.ema_params, params, ema_decay, state.step))
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state.step)}
+  grad_norm = optax.tree.norm(grads)
+  new_state, skipped = skip_if_nonfinite(new_state, state, loss, grad_norm)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+             "update_skipped": skipped}
   return new_state, metrics
 
 
@@ -262,7 +283,8 @@ def vae_train_step(state: VAEState, batch: dict, *, model, tx, schedule, disc=No
                    disc_tx=None, disc_start: int = -1, kl_weight: float, l2_weight: float,
                    disc_weight: float):
   """One update of the VAE and, from step `disc_start` on, of its discriminator (`disc`,
-  None when it is off). Pure: jit it with the state donated.
+  None when it is off), or of neither when a loss or the VAE's gradient is not finite
+  (`skip_if_nonfinite`). Pure: jit it with the state donated.
 
   The phase is a traced condition on the step (lax.cond), so one compiled step serves the
   steps before and after `disc_start`; before it the discriminator is neither run nor
@@ -287,4 +309,6 @@ def vae_train_step(state: VAEState, batch: dict, *, model, tx, schedule, disc=No
     disc_params, disc_opt_state, metrics["d_loss"] = lax.cond(
         disc_on, update, keep, state.disc_params, state.disc_opt_state)
     new_state = new_state.replace(disc_params=disc_params, disc_opt_state=disc_opt_state)
+  new_state, metrics["update_skipped"] = skip_if_nonfinite(
+      new_state, state, loss, metrics["grad_norm"], metrics.get("d_loss", 0.0))
   return new_state, metrics

@@ -14,6 +14,19 @@ arrays) and described by a `Stage` (where it writes, how long it trains, what it
 Everything that depends on the mesh is built there, so tests can compare meshes by calling
 them with different ones. The loop fetches each step's metrics one step late, so the host
 never waits for the device to finish a step before dispatching the next.
+
+What a run survives (docs: BUILD_NOTES.md, "Training that survives"):
+  preemption     SIGTERM (or, on several hosts, JAX's preemption sync point) saves the
+                 current step and raises Preempted; worldsim.main exits with
+                 PREEMPTED_EXIT_CODE (143, as if killed by the signal) and a rerun resumes
+  kill -9        a restart resumes from the newest committed checkpoint: the state (with its
+                 RNG), the grain iterator and the step come back, so the result is bitwise
+                 that of an uninterrupted run; a save cut off halfway is never committed
+  bad state      a corrupt newest checkpoint is set aside (checkpoint.py) and the one before
+                 used; a checkpoint of another model's shapes is a ConfigError
+  NaN / Inf      the step skips the update (step.skip_if_nonfinite); after
+                 max_nonfinite_skips skips in a row the run stops with NonFiniteError
+  bad data       the loader skips and counts bad records (skipped_clips in the log)
 """
 import collections
 import dataclasses
@@ -22,6 +35,8 @@ import json
 import os
 import pathlib
 import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -49,6 +64,27 @@ TEXT_AXES = {"bytes": {"text": ("batch", None), "text_segment_ids": ("batch", No
              "none": {}}
 VAE_BATCH_AXES = {"video": vae_lib.PIXEL_AXES}
 LATENT_STATS = "latent_stats.json"
+# Config fields that set the shapes of a stage's state: named when a workdir's checkpoint
+# does not fit the current config.
+VAE_SHAPE_FIELDS = tuple(f"vae.{k}" for k in (
+    "variant", "base_channels", "num_res_blocks", "channel_multipliers", "latent_channels",
+    "temporal_factor", "spatial_factor", "disc_start", "disc_channels", "disc_layers"))
+DIT_SHAPE_FIELDS = tuple(f"model.{k}" for k in (
+    "variant", "width", "depth", "num_heads", "mlp_ratio", "patch_size", "text", "text_depth",
+    "text_embed_dim")) + ("data.space", "data.channels", "data.caption_len")
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM    # what a shell reports for a SIGTERM'd process
+
+
+class Preempted(Exception):
+  """The run was asked to stop (SIGTERM); the state of `step` is saved and committed."""
+
+  def __init__(self, step: int, directory):
+    super().__init__(f"preempted: saved step {step} in {directory}; run again to resume")
+    self.step = step
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many updates in a row had a NaN or Inf loss or gradient."""
 
 
 class Setup(NamedTuple):
@@ -79,6 +115,8 @@ class Stage(NamedTuple):
   throughput: Callable         # host batch -> amounts logged per second, e.g. {'tokens': n}
   totals: Callable             # host batch -> amounts logged as running totals
   mfu: bool = False            # throughput counts 'model_flops': log MFU against a matmul
+  shape_fields: tuple = ()     # config fields that set the state's shapes
+  max_nonfinite_skips: int = 10   # updates skipped in a row (NaN / Inf) before the run stops
 
 
 # ----------------------------------------------------------------------------- data
@@ -189,7 +227,10 @@ def dit_stage(config, workdir, setup: Setup) -> Stage:
                                 b["positions"][..., 0], text_embed_dim)},
       totals=lambda b: {"skipped_clips": int(b["num_skipped"].sum()),
                         "truncated_clips": int(b["num_truncated"].sum())},
-      mfu=True)
+      mfu=True,
+      shape_fields=DIT_SHAPE_FIELDS + (VAE_SHAPE_FIELDS
+                                       if config_lib.space(config) == "latent" else ()),
+      max_nonfinite_skips=t.get("max_nonfinite_skips", 10))
 
 
 def train(config, workdir) -> None:
@@ -249,7 +290,11 @@ def vae_stage(config, workdir) -> Stage:
   return Stage("vae", pathlib.Path(workdir) / "vae", v.steps, v.log_every, v.save_every,
                v.keep_checkpoints,
                throughput=lambda b: {"clips": len(b["video"])},
-               totals=lambda b: {"skipped_clips": int(b["num_skipped"].sum())})
+               totals=lambda b: {"skipped_clips": int(b["num_skipped"].sum())},
+               shape_fields=VAE_SHAPE_FIELDS + ("data.channels",),
+               max_nonfinite_skips=v.get("max_nonfinite_skips",
+                                         config.train.get("max_nonfinite_skips", 10)
+                                         if "train" in config else 10))
 
 
 def train_vae(config, workdir) -> None:
@@ -305,57 +350,194 @@ def run(setup: Setup, stage: Stage, data_iter, config) -> Optional[Any]:
   """Init or restore, then step to stage.steps, logging one step late and saving on the way.
 
   Returns the final state, or None when the stage's checkpoint was already final (skipped).
+  Raises Preempted after saving when SIGTERM arrives, NonFiniteError after
+  stage.max_nonfinite_skips skipped updates in a row.
   """
   ckpt = checkpoint.Checkpointer(stage.directory, stage.save_every, stage.keep_checkpoints)
-  writer = metrics_lib.MetricsWriter(stage.directory)
   config_json = config.to_json_best_effort()
+  latest = ckpt.latest_step()
+  if latest is not None and latest >= stage.steps:
+    logging.info("%s stage complete (step %d of %d); skipping", stage.name, latest, stage.steps)
+    ckpt.close()
+    return None
 
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    start = ckpt.latest_step()
-    if start is None:
-      state, start = setup.init(jax.random.PRNGKey(config.seed)), 0
-    elif start < stage.steps:
-      logging.info("resuming from the checkpoint of step %d in %s", start, stage.directory)
-      state = ckpt.restore(start, setup.abstract_state, data_iter)
-    else:
-      logging.info("%s stage complete (step %d of %d); skipping", stage.name, start, stage.steps)
-      ckpt.close()
-      writer.close()
-      return None
-
-    peak_flops = flops.measure_matmul_flops() * jax.device_count() if stage.mfu else 0.0
-    pending, last_log = None, None      # last_log: (step, time) when its metrics arrived
-    # Host-side counts: `window` since the last log (logged as rates), `totals` since start.
-    window, totals = collections.Counter(), collections.Counter()
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules), \
+       PreemptionWatch(ckpt.manager) as preempted:
+    state, start = init_or_restore(setup, stage, ckpt, data_iter, config)
     progress = tqdm(range(start, stage.steps), initial=start, total=stage.steps,
                     desc=stage.name, disable=jax.process_index() != 0)
+    writer = MetricsLog(stage, metrics_lib.MetricsWriter(stage.directory), progress)
+    nonfinite = NonFiniteGuard(stage.max_nonfinite_skips, ckpt)
+    pending, stop = None, False      # pending: (step, metrics) of the step before
     for step in progress:
       host_batch = next(data_iter)
-      window.update(stage.throughput(host_batch))
-      totals.update(stage.totals(host_batch))
+      writer.count(host_batch)
       batch = mesh_lib.global_batch(host_batch, setup.batch_shardings)
       state, step_metrics = setup.train_step(state, batch)
-      if pending is not None:                      # the previous step's metrics, now ready
-        done_step, done_metrics = pending
-        row = {k: float(v) for k, v in jax.device_get(done_metrics).items()}
-        now = time.perf_counter()
-        if done_step % stage.log_every == 0 or last_log is None:
-          if last_log is not None:                 # no rate for the step that compiled
-            seconds = now - last_log[1]
-            rate = (done_step - last_log[0]) / seconds
-            row.update(steps_per_sec=rate,
-                       **{f"{k}_per_sec": n / seconds for k, n in window.items()})
-            if stage.mfu:
-              row.update(mfu=row["model_flops_per_sec"] / peak_flops)
-          row.update(totals)
-          window.clear()
-          writer.write(done_step, row)
-          progress.set_postfix(loss=f"{row['loss']:.4f}")
-          last_log = (done_step, now)
+      if pending is not None:        # the previous step's metrics, ready by now
+        report(*pending, writer, nonfinite)
       pending = (step + 1, step_metrics)
-      ckpt.save(step + 1, state, data_iter, config_json, force=step + 1 == stage.steps)
-    done_step, done_metrics = pending
-    writer.write(done_step, {k: float(v) for k, v in jax.device_get(done_metrics).items()})
-  ckpt.close()
+      stop = preempted(step + 1)
+      # A skipped update left the state as it was, so every checkpoint holds finite weights.
+      ckpt.save(step + 1, state, data_iter, config_json, force=stop or step + 1 == stage.steps)
+      if stop:
+        break
+    report(*pending, writer, nonfinite, final=True)
+  ckpt.close()                       # waits for the last save to commit
   writer.close()
+  if stop:
+    raise Preempted(pending[0], ckpt.directory)
   return state
+
+
+def report(step: int, step_metrics, writer, nonfinite, final: bool = False) -> None:
+  """Logs a finished step's metrics (waiting for them) and counts a skipped update; raises
+  NonFiniteError, after logging, once too many came in a row."""
+  row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  nonfinite.count(step, row)
+  writer.write(step, row, nonfinite.totals(), final)
+  nonfinite.raise_if_stuck(step)
+
+
+def init_or_restore(setup: Setup, stage: Stage, ckpt, data_iter, config):
+  """(state, step): the newest readable checkpoint's, data_iter rewound to it; else a fresh
+  state at step 0. A checkpoint of other shapes raises ConfigError before anything compiles."""
+  current = json.loads(config.to_json_best_effort())
+  describe = lambda saved: differing_fields(saved, current, stage.shape_fields)
+  step, state = ckpt.restore_latest(setup.abstract_state, data_iter, describe)
+  if step is None:
+    return setup.init(jax.random.PRNGKey(config.seed)), 0
+  logging.info("resuming from the checkpoint of step %d in %s", step, ckpt.directory)
+  forget_metrics_after(stage.directory, step)
+  return state, step
+
+
+def forget_metrics_after(directory, step: int) -> None:
+  """Drops the metrics.jsonl rows of steps after `step`: a run killed after its last save
+  logged steps it now trains again, and each step should have one row."""
+  path = pathlib.Path(directory) / "metrics.jsonl"
+  if jax.process_index() != 0 or not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (json.JSONDecodeError, KeyError):    # a row cut off by the kill
+      pass
+  if len(kept) < len(lines):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def differing_fields(saved: dict, current: dict, fields) -> list:
+  """'model.width: 64 saved, 32 now' for each of `fields` (dotted paths) that differs."""
+  def lookup(tree, path):
+    for key in path.split("."):
+      tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+  return [f"{f}: {lookup(saved, f)!r} saved, {lookup(current, f)!r} now" for f in fields
+          if lookup(saved, f) != lookup(current, f)]
+
+
+class PreemptionWatch:
+  """Whether the run has been asked to stop, checked once per step.
+
+  One host: a SIGTERM handler sets a flag (a second SIGTERM kills at once, as without it).
+  Several hosts: JAX's preemption service listens for the signal itself and names a sync
+  point, the same step on every host (orbax's reached_preemption), so no handler is set.
+  """
+
+  def __init__(self, manager):
+    self.manager, self.requested, self.previous = manager, False, None
+    self.own_handler = (jax.process_count() == 1
+                        and threading.current_thread() is threading.main_thread())
+
+  def __enter__(self):
+    if self.own_handler:
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d: saving at the end of this step, then exiting", signum)
+    self.requested = True
+    signal.signal(signal.SIGTERM, self.previous)
+
+  def __call__(self, step: int) -> bool:
+    if self.own_handler:
+      return self.requested
+    return self.manager.reached_preemption(step)
+
+  def __exit__(self, *exc):
+    if self.own_handler and not self.requested:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+class NonFiniteGuard:
+  """Counts the updates the step skipped for a NaN / Inf loss or gradient
+  (`update_skipped`); raises NonFiniteError once `limit` come in a row."""
+
+  def __init__(self, limit: int, ckpt):
+    self.limit, self.ckpt = limit, ckpt
+    self.skips, self.in_a_row = 0, 0
+
+  def totals(self) -> dict:
+    return {"nonfinite_skips": self.skips}
+
+  def count(self, step: int, row: dict) -> None:
+    if not row.get("update_skipped"):
+      self.in_a_row = 0
+      return
+    self.skips += 1
+    self.in_a_row += 1
+    logging.warning("step %d: non-finite loss or gradient (loss %s, grad_norm %s); update "
+                    "skipped (%d in a row)", step, row.get("loss"), row.get("grad_norm"),
+                    self.in_a_row)
+
+  def raise_if_stuck(self, step: int) -> None:
+    if self.in_a_row >= self.limit:
+      self.ckpt.wait()               # the last save holds the weights from before the run
+      raise NonFiniteError(
+          f"steps {step - self.in_a_row + 1} to {step} all had a non-finite loss or gradient "
+          f"and were skipped ({self.limit} in a row, config.train.max_nonfinite_skips); the "
+          f"newest checkpoint (step {self.ckpt.latest_step()} in {self.ckpt.directory}) holds "
+          f"the weights from before them. Lower the learning rate, check the data, or raise "
+          f"the limit")
+
+
+class MetricsLog:
+  """Rows of metrics.jsonl: a step's device metrics, throughput since the last row (rates),
+  and host counts since the start (totals); every log_every steps and at the end."""
+
+  def __init__(self, stage: Stage, writer, progress):
+    self.stage, self.writer, self.progress = stage, writer, progress
+    self.peak_flops = (flops.measure_matmul_flops() * jax.device_count() if stage.mfu
+                       else 0.0)
+    self.last = None                 # (step, time) of the last row
+    self.window, self.totals = collections.Counter(), collections.Counter()
+
+  def count(self, host_batch) -> None:
+    self.window.update(self.stage.throughput(host_batch))
+    self.totals.update(self.stage.totals(host_batch))
+
+  def write(self, step: int, row: dict, totals: dict, final: bool = False) -> None:
+    """Writes a finished step's metrics with the rates and totals, when a row is due."""
+    if not (final or step % self.stage.log_every == 0 or self.last is None):
+      return
+    now = time.perf_counter()
+    if self.last is not None and not final:     # no rate for the step that compiled
+      seconds = now - self.last[1]
+      row.update(steps_per_sec=(step - self.last[0]) / seconds,
+                 **{f"{k}_per_sec": n / seconds for k, n in self.window.items()})
+      if self.stage.mfu:
+        row.update(mfu=row["model_flops_per_sec"] / self.peak_flops)
+    self.window.clear()
+    self.writer.write(step, {**row, **self.totals, **totals})
+    self.progress.set_postfix(loss=f"{row['loss']:.4f}")
+    self.last = (step, now)
+
+  def close(self):
+    self.writer.close()
