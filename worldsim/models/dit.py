@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from worldsim.diffusion import samplers
 from worldsim.models import attention as attention_lib
 from worldsim.models import layers
+from worldsim.models import conditioning
 from worldsim.models import text as text_lib
 from worldsim.parallel import context as context_lib
 
@@ -92,6 +93,9 @@ class DiTConfig:
   # 'ulysses_ring'), run inside the mesh set by jax.set_mesh.
   context_parallel: str = "none"
   remat: str = "none"       # what the backward recomputes per block: one of REMAT_POLICIES
+  # Per-token action width (conditioning.token_actions: pt frames x the source's actions per
+  # model frame); 0 = no action conditioning.
+  action_dim: int = 0
 
   @property
   def head_dim(self) -> int:
@@ -108,8 +112,9 @@ class DiTConfig:
     return (self.head_dim - 2 * spatial, spatial, spatial)
 
 
-def config_from(model_cfg, token_dim: int) -> DiTConfig:
-  """A DiTConfig from the `model` block of an experiment config (variant plus overrides)."""
+def config_from(model_cfg, token_dim: int, action_dim: int = 0) -> DiTConfig:
+  """A DiTConfig from the `model` block of an experiment config (variant plus overrides);
+  action_dim from the data when model.actions is on (trainer.action_dim)."""
   width, depth, heads = VARIANTS[model_cfg.variant]
   return DiTConfig(
       token_dim=token_dim,
@@ -124,7 +129,8 @@ def config_from(model_cfg, token_dim: int) -> DiTConfig:
       text=model_cfg.get("text", "none"),
       text_depth=model_cfg.get("text_depth", 2),
       context_parallel=model_cfg.get("context_parallel", "none"),
-      remat=model_cfg.get("remat", "none"))
+      remat=model_cfg.get("remat", "none"),
+      action_dim=action_dim)
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -342,7 +348,8 @@ class DiT(nn.Module):
   cfg: DiTConfig
 
   def __call__(self, tokens, positions, segment_ids, noise_level,
-               kv_cache: Optional[KVCache] = None, text=None, text_segment_ids=None):
+               kv_cache: Optional[KVCache] = None, text=None, text_segment_ids=None,
+               actions=None, actions_known=None):
     """The velocity (B, L, P) float32.
 
     With kv_cache (causal models only), the tokens are a chunk that also attends to the cached
@@ -350,20 +357,26 @@ class DiT(nn.Module):
     tokens. The cache is read, not changed: `append_to_cache` adds a finished chunk.
     text, text_segment_ids: the captions, required exactly when cfg.text is not 'none' (module
     docstring). The cache holds no caption keys: they are recomputed from `text` on every call.
+    actions (B, L, action_dim), actions_known (B, L): each token's actions and whether they are
+    given (0: dropped or unknown); required exactly when cfg.action_dim > 0
+    (models/conditioning.py).
     """
     return self._forward(tokens, positions, segment_ids, noise_level, kv_cache, text,
-                         text_segment_ids)[0]
+                         text_segment_ids, actions, actions_known)[0]
 
   def append_to_cache(self, tokens, positions, segment_ids, kv_cache: KVCache, text=None,
-                      text_segment_ids=None) -> KVCache:
+                      text_segment_ids=None, noise_level=None, actions=None,
+                      actions_known=None) -> KVCache:
     """Runs clean tokens (noise level 0) attending to the cache and to themselves, and returns
     the cache with their keys and values appended: the context frames at the start of a
     rollout (into an empty cache), then each finished chunk. Under jit the unused velocity is
     dead code, so this costs the blocks' forward up to the last block's keys and values.
-    A captioned model needs the captions here too: later blocks' keys depend on them."""
-    noise_level = jnp.zeros(segment_ids.shape, jnp.float32)
+    A captioned model needs the captions here too: later blocks' keys depend on them.
+    noise_level (B, L): for context that was noised on purpose (worldsim/rollout.py)."""
+    if noise_level is None:
+      noise_level = jnp.zeros(segment_ids.shape, jnp.float32)
     return self._forward(tokens, positions, segment_ids, noise_level, kv_cache, text,
-                         text_segment_ids)[1]
+                         text_segment_ids, actions, actions_known)[1]
 
   def _encode_text(self, text, text_segment_ids) -> Optional[EncodedText]:
     """The captions at the DiT's width, once per forward; None for an uncaptioned model."""
@@ -395,7 +408,7 @@ class DiT(nn.Module):
 
   @nn.compact
   def _forward(self, tokens, positions, segment_ids, noise_level, kv_cache, text=None,
-               text_segment_ids=None):
+               text_segment_ids=None, actions=None, actions_known=None):
     """-> (velocity, kv_cache with the tokens appended, or None without a cache)."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     if kv_cache is not None:
@@ -417,9 +430,21 @@ class DiT(nn.Module):
                  bias_init=layers.param(nn.initializers.zeros, ("embed",)))(c)
     c = nn.Dense(d, name="time_out", kernel_init=layers.param(nn.initializers.normal(0.02), ("mlp", "embed")),
                  bias_init=layers.param(nn.initializers.zeros, ("embed",)))(nn.silu(c))
+    if cfg.action_dim:            # actions join the noise level in every block's adaLN
+      if actions is None or actions_known is None:
+        raise ValueError(f"this model is action-conditioned (action_dim={cfg.action_dim}): "
+                         "pass actions and actions_known (zeros to leave them unknown)")
+      chex.assert_shape(actions, (*segment_ids.shape, cfg.action_dim))
+      c = c + conditioning.ActionEmbedder(d, name="actions")(actions, actions_known)
+    elif actions is not None:
+      raise ValueError("actions were given to a model without action conditioning: set "
+                       "config.model.actions=True, or leave them out")
     c = nn.with_logical_constraint(c, ("batch", "length", "embed"))
+    # In the compute dtype: per token it costs 6 D^2, half a block, and the blocks cast its
+    # output to that dtype anyway. The time MLP above stays float32 (2 D^2 once per token):
+    # its sinusoidal input needs the precision.
     modulation = layers.Einsum("bld,dke->blke", (d, 6, d), ("embed", None, "mlp"), name="modulation",
-                        init=nn.initializers.zeros)(nn.silu(c))
+                        init=nn.initializers.zeros, dtype=cfg.dtype)(nn.silu(c))
     modulation = nn.with_logical_constraint(modulation, ("batch", "length", None, "embed"))
 
     if kv_cache is not None:
