@@ -132,11 +132,24 @@ def test_impossible_requests_name_the_argument(sim, kwargs, error, match):
     sim.sample("a ball", **{"steps": 1, "progress": False, **kwargs})
 
 
-def test_checkpoint_is_required_until_a_default_ships(tmp_path):
-  with pytest.raises(ValueError, match="checkpoint is required"):
-    worldsim.sample("a ball")
+def test_the_bundled_model_is_the_default_and_a_bad_path_is_named(tmp_path, monkeypatch):
+  from worldsim import export
+  assert export.is_export(sampling.DEFAULT_CHECKPOINT)          # shipped in the package
+  assert sampling.resolve_checkpoint(None) == (sampling.DEFAULT_CHECKPOINT, None)
   with pytest.raises(FileNotFoundError, match="neither a trained workdir"):
     worldsim.sample("a ball", checkpoint=str(tmp_path))
+  monkeypatch.setattr(sampling, "DEFAULT_CHECKPOINT", None)
+  with pytest.raises(ValueError, match="checkpoint is required"):
+    worldsim.sample("a ball")
+
+
+def test_an_exported_release_samples_like_the_model(sim, tmp_path):
+  from worldsim import export
+  release = export.export(sim, tmp_path / "release")
+  assert sorted(p.name for p in release.iterdir()) == ["config.json", "dit.npz", "export.json"]
+  size = dict(num_frames=2, height=16, width=16, steps=2, seed=3, progress=False)
+  np.testing.assert_array_equal(worldsim.load(str(release)).sample("a ball", **size),
+                                sim.sample("a ball", **size))
 
 
 def test_drafts_are_refined_at_the_final_size(sim):

@@ -58,10 +58,10 @@ def export(sim, out) -> pathlib.Path:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text(sim.config.to_json(indent=2))
-  np.savez(out / "dit.npz", **flatten(sim.params))
+  np.savez_compressed(out / "dit.npz", **flatten(sim.params))
   info = {"source": str(sim.workdir), "dit_step": int(sim.step)}
   if sim.vae is not None:
-    np.savez(out / "vae.npz", **flatten(sim.vae.variables["params"]))
+    np.savez_compressed(out / "vae.npz", **flatten(sim.vae.variables["params"]))
     shutil.copyfile(pathlib.Path(sim.workdir) / "latent_stats.json", out / "latent_stats.json")
     info["vae_step"] = int(sim.vae.step)
   info["bytes"] = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
