@@ -1,8 +1,8 @@
 """Scale-out strategies and mixed precision against the one-device float32 reference.
 
-tests/test_trainer.py covers meshes (8,), (2, 2, 2), ring on (1, 2, 2, 2) and ulysses_ring;
-here: fsdp alone, tensor alone, plain Ulysses at the step level, data x fsdp x Ulysses, and
-bfloat16 compute with float32 master weights. Compiling is what costs (the steps themselves
+Every strategy at the step level: data, fsdp, tensor, data x fsdp x tensor, Ulysses, ring,
+Ulysses x ring, data x fsdp x Ulysses; gradient accumulation; and bfloat16 compute with float32
+master weights. Compiling is what costs (the steps themselves
 take milliseconds), so the model is one block with dense attention, the state is initialised
 once and copied onto each mesh, and the reference's compiled step serves both the one-step
 comparisons and the 20-step float32 run.
@@ -84,19 +84,25 @@ def reference(tiny_config):
 # last column: what each device holds of the (64, 256) MLP kernel, ('embed', 'mlp') ->
 # ('fsdp', 'tensor').
 @pytest.mark.parametrize("strategy,mesh_shape,context_parallel,kernel_shard", [
+    ("data", (8,), "none", (64, 256)),
     ("fsdp", (1, 8), "none", (8, 256)),
     ("tensor", (1, 1, 2), "none", (64, 128)),
+    ("data_fsdp_tensor", (2, 2, 2), "none", (32, 128)),
     ("ulysses", (1, 1, 1, 4), "ulysses", (64, 256)),
+    ("ring", (1, 2, 2, 2), "ring", (32, 128)),
+    ("ulysses_ring", (2, 1, 1, 4), "ulysses_ring", (64, 256)),
     ("data_fsdp_ulysses", (2, 2, 1, 2), "ulysses", (32, 256)),
 ])
 def test_step_matches_one_device(tiny_config, strategy, mesh_shape, context_parallel,
                                  kernel_shard):
   """One step of each strategy gives the one-device loss (1e-5), gradient norm and
-  parameters (1e-4), float32, from the same initial state and batch."""
+  parameters (1e-4), float32, from the same initial state and batch; parameters, optimizer
+  moments and EMA are laid out as the rules say."""
   ref = reference(tiny_config)
   config = _small(tiny_config)
   with config.unlocked():
     config.model.context_parallel = context_parallel
+    config.model.ulysses_degree = 2 if context_parallel == "ulysses_ring" else 1
   state, step_metrics, _, on_mesh = _run(config, mesh_shape, ref["initial"], ref["batch"], 1)
   np.testing.assert_allclose(step_metrics["loss"], ref["metrics"]["loss"], rtol=1e-5)
   np.testing.assert_allclose(step_metrics["grad_norm"], ref["metrics"]["grad_norm"], rtol=1e-4)
@@ -106,6 +112,24 @@ def test_step_matches_one_device(tiny_config, strategy, mesh_shape, context_para
   assert kernel.sharding.spec == P("fsdp", "tensor")
   assert kernel.addressable_shards[0].data.shape == kernel_shard
   assert len(kernel.sharding.device_set) == math.prod(mesh_shape)
+  # ('embed', 'heads', 'kv') -> ('fsdp', 'tensor', None); moments and EMA follow their params.
+  assert on_mesh.params["block_0"]["query"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
+  assert on_mesh.opt_state[1][0].mu["block_0"]["mlp_in"]["kernel"].sharding.spec == \
+      P("fsdp", "tensor")
+  assert on_mesh.ema_params["block_0"]["mlp_in"]["kernel"].sharding.spec == P("fsdp", "tensor")
+
+
+def test_gradient_accumulation_matches_one_pass(tiny_config):
+  """8 rows on 2 devices in 4 parts of 2 rows: the loss, gradient norm and parameters of one
+  pass over the batch (the noise is drawn for the whole batch first)."""
+  ref = reference(tiny_config)
+  config = _small(tiny_config)
+  with config.unlocked():
+    config.train.accum_steps = 4
+  state, step_metrics, _, _ = _run(config, (2,), ref["initial"], ref["batch"], 1)
+  np.testing.assert_allclose(step_metrics["loss"], ref["metrics"]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(step_metrics["grad_norm"], ref["metrics"]["grad_norm"], rtol=1e-5)
+  chex.assert_trees_all_close(state.params, ref["state"].params, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_master_weights_and_tracks_float32(tiny_config):

@@ -4,69 +4,15 @@ import subprocess
 import sys
 
 import chex
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from data_pipelines import loader
 from worldsim.parallel import mesh as mesh_lib
 from worldsim.train import metrics, trainer
 
 
-def _one_step(config, mesh_shape):
-  """Initialise and take one step on a mesh of `mesh_shape` (data, fsdp, tensor, context)."""
-  with config.unlocked():
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.context = (
-        list(mesh_shape) + [1, 1, 1])[:4]
-  n = int(np.prod(mesh_shape))
-  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:n])
-  setup = trainer.build(config, mesh)
-  batch = next(iter(loader.make_dataset(config.data, config.model.patch_size, config.seed,
-                                        text=config.model.text)))
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):   # ulysses_ring: refactored
-    state = setup.init(jax.random.PRNGKey(0))
-    state, step_metrics = setup.train_step(state, mesh_lib.global_batch(batch, setup.batch_shardings))
-  return state, jax.device_get(step_metrics)
-
-
-def test_one_step_is_the_same_on_every_mesh(tiny_config):
-  reference_state, reference = _one_step(tiny_config, (1,))
-  for shape in [(8,), (2, 2, 2)]:
-    state, step_metrics = _one_step(tiny_config, shape)
-    np.testing.assert_allclose(step_metrics["loss"], reference["loss"], rtol=1e-5)
-    chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(reference_state.params),
-                                rtol=1e-5, atol=1e-6)
-
-
-# Plain Ulysses is tested at the attention level (tests/test_context_parallel.py); here its
-# all-to-all runs inside ulysses_ring.
-@pytest.mark.parametrize("strategy,mesh_shape,ulysses", [
-    ("ring", (1, 2, 2, 2), 1), ("ulysses_ring", (2, 1, 1, 4), 2)])
-def test_context_parallel_step_matches_one_device(tiny_config, strategy, mesh_shape, ulysses):
-  """A step with the sequence split over `context` (data, fsdp, tensor, context) gives the
-  loss and parameters of one device."""
-  with tiny_config.unlocked():
-    tiny_config.model.causal = True             # the block-causal mask crosses shards too
-  reference_state, reference = _one_step(tiny_config.copy_and_resolve_references(), (1,))
-  with tiny_config.unlocked():
-    tiny_config.model.context_parallel, tiny_config.model.ulysses_degree = strategy, ulysses
-  state, step_metrics = _one_step(tiny_config, mesh_shape)
-  np.testing.assert_allclose(step_metrics["loss"], reference["loss"], rtol=1e-5)
-  chex.assert_trees_all_close(jax.device_get(state.params),
-                              jax.device_get(reference_state.params), rtol=1e-5, atol=1e-6)
-
-
-def test_gradient_accumulation_matches_one_pass(tiny_config):
-  reference_state, reference = _one_step(tiny_config.copy_and_resolve_references(), (2,))
-  with tiny_config.unlocked():
-    tiny_config.train.accum_steps = 4        # 8 rows on 2 devices: 4 parts of 2 rows
-  state, step_metrics = _one_step(tiny_config, (2,))
-  np.testing.assert_allclose(step_metrics["loss"], reference["loss"], rtol=1e-5)
-  np.testing.assert_allclose(step_metrics["grad_norm"], reference["grad_norm"], rtol=1e-5)
-  chex.assert_trees_all_close(jax.device_get(state.params),
-                              jax.device_get(reference_state.params), rtol=1e-5, atol=1e-6)
+# Step-level equality on every mesh and strategy, and gradient accumulation: test_scale_out.py.
 
 
 def test_a_checkpoint_restores_exactly_onto_other_meshes(tiny_config, tmp_path):
@@ -91,23 +37,6 @@ def test_a_checkpoint_restores_exactly_onto_other_meshes(tiny_config, tmp_path):
       saved = values
     else:
       chex.assert_trees_all_equal(values, saved)
-
-
-def test_parameters_are_sharded_as_the_rules_say(tiny_config):
-  state, _ = _one_step(tiny_config, (2, 2, 2))       # data 2 x fsdp 2 x tensor 2
-  block = state.params["block_0"]
-  # ('embed', 'mlp') -> ('fsdp', 'tensor'): a (64, 256) kernel is (32, 128) on each device.
-  mlp_in = block["mlp_in"]["kernel"]
-  assert mlp_in.sharding.spec == P("fsdp", "tensor")
-  assert mlp_in.addressable_shards[0].data.shape == (32, 128)
-  # ('embed', 'heads', 'kv') -> ('fsdp', 'tensor', None).
-  query = block["query"]["kernel"]
-  assert query.sharding.spec == P("fsdp", "tensor", None)
-  assert query.addressable_shards[0].data.shape == (32, 2, 16)
-  # Optimizer state and EMA follow their parameters.
-  mu = state.opt_state[1][0].mu["block_0"]["mlp_in"]["kernel"]
-  assert mu.sharding.spec == P("fsdp", "tensor")
-  assert state.ema_params["block_0"]["mlp_in"]["kernel"].sharding.spec == P("fsdp", "tensor")
 
 
 # The recipe, smaller: 64 clips of 32-40 px (few frame sizes for the latents stage to

@@ -41,18 +41,23 @@ from ml_collections import config_flags  # noqa: E402
 from worldsim import config as config_lib  # noqa: E402
 from worldsim.parallel import aot  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "experiment config file (get_config(arg))",
-                                lock_config=True)
-flags.DEFINE_integer("devices", 0, "compile for this many fake CPU devices (0: the devices "
-                     "attached, or --topology's)")
-flags.DEFINE_string("topology", "", f"a Cloud TPU slice to compile for without its chips "
-                    f"(needs libtpu): one of {sorted(aot.TPU_SLICES)} or a topology such as "
-                    f"'v5:4x4x8'")
-flags.DEFINE_integer("num_slices", 1, "slices of --topology (multislice)")
-flags.DEFINE_float("memory_gb", None, "memory per device in GiB (e.g. 95 for v5p, 31 for "
-                   "v6e); without it the report has no verdict")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when it runs: importing this module (tests do) must not
+  claim --config, which worldsim.main defines too."""
+  config_flags.DEFINE_config_file("config", None, "experiment config file (get_config(arg))",
+                                  lock_config=True)
+  flags.DEFINE_integer("devices", 0, "compile for this many fake CPU devices (0: the devices "
+                       "attached, or --topology's)")
+  flags.DEFINE_string("topology", "", f"a Cloud TPU slice to compile for without its chips "
+                      f"(needs libtpu): one of {sorted(aot.TPU_SLICES)} or a topology such as "
+                      f"'v5:4x4x8'")
+  flags.DEFINE_integer("num_slices", 1, "slices of --topology (multislice)")
+  flags.DEFINE_float("memory_gb", None, "memory per device in GiB (e.g. 95 for v5p, 31 for "
+                     "v6e); without it the report has no verdict")
+  flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -71,4 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)))
