@@ -17,6 +17,15 @@ import numpy as np  # noqa: E402
 from worldsim.scaling import fit as fit_lib  # noqa: E402
 
 
+def _save(fig, path, ax=None, legend_size=None):
+  """Every plot ends the same way: its legend, a tight layout, a PNG, the figure freed."""
+  if ax is not None:
+    ax.legend(fontsize=legend_size)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def _points(report):
   p = report["points"]
   return (np.array([q["C"] for q in p]), np.array([q["N"] for q in p]),
@@ -53,10 +62,7 @@ def plot_loss_vs_compute(report, path):
   # points in view.
   span = loss.max() - loss.min()
   ax.set_ylim(loss.min() - 0.5 * span, loss.max() + 0.5 * span)
-  ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path, ax, legend_size=6)
 
 
 def plot_isoflop(report, path):
@@ -75,10 +81,7 @@ def plot_isoflop(report, path):
   ax.set(xscale="log", xlabel="parameters N", ylabel=f"validation {report['loss']}",
          title="IsoFLOP profiles (star: parabola minimum)")
   ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # crowded on < 1 decade
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path, ax, legend_size=7)
 
 
 def plot_compute_optimal(report, path):
@@ -100,10 +103,7 @@ def plot_compute_optimal(report, path):
   ax.plot(c, n, "k.", ms=4, label="points trained (N)")
   ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="parameters / tokens",
          title="compute-optimal allocation from L(N, D)")
-  ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path, ax, legend_size=6)
 
 
 # The physics figures plotted (when present): one per kind of error.
@@ -124,9 +124,7 @@ def plot_physics(report, results, path):
     ax.plot(grid, fit_lib.power_law(grid, f), "k-")
     ax.set(xscale="log", xlabel="training FLOPs", ylabel=name,
            title=f"α {f['alpha']:.3f}, R² {f['r2']:.3f}")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_report(report, results, out_dir) -> list:
