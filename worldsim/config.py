@@ -2,7 +2,7 @@
 import jax
 
 from data_pipelines import loader
-from worldsim.models import attention, dit, vae as vae_lib
+from worldsim.models import attention, conditioning, dit, vae as vae_lib
 from worldsim.parallel import context as context_lib
 from worldsim.parallel import mesh as mesh_lib
 
@@ -33,6 +33,15 @@ def latent_geometry(config):
     return None
   v = vae_lib.config_from(config.vae)
   return loader.LatentGeometry(v.latent_channels, v.temporal_factor)
+
+
+def action_dim(config) -> int:
+  """The DiT's per-token action width (dit.DiTConfig.action_dim) for config.model.actions
+  ('none' -> 0): the patch's frames x pixel frames per model frame x config.model.action_size."""
+  m = config.model
+  per_model_frame = latent_geometry(config).temporal_factor if space(config) == "latent" else 1
+  return conditioning.token_action_dim(m.get("actions", "none"), m.get("action_size", 0),
+                                       int(m.patch_size[0]), per_model_frame)
 
 
 def _check(ok: bool, message: str):

@@ -18,6 +18,40 @@ import jax.numpy as jnp
 
 from worldsim.models import layers
 
+# config.model.actions: what a source's per-frame actions are.
+#   none        no action conditioning
+#   continuous  config.model.action_size floats per pixel frame (physics world: an impulse, 2)
+#   discrete    one id per pixel frame out of config.model.action_size (Atari: 18), one-hot
+ACTION_MODES = ("none", "continuous", "discrete")
+
+
+def action_features(actions, mode: str, size: int):
+  """Raw per-frame actions as the loader ships them -> the model's action features.
+
+  actions (..., n * k): n pixel frames side by side (a latent frame holds its t pixel frames'
+  actions), k = size floats each (continuous) or k = 1 id each (discrete).
+  Returns (..., n * size): continuous unchanged, discrete one-hot per frame.
+  """
+  if mode == "continuous":
+    if actions.shape[-1] % size:
+      raise ValueError(f"actions of width {actions.shape[-1]} are not whole frames of "
+                       f"config.model.action_size={size} values")
+    return actions.astype(jnp.float32)
+  if mode == "discrete":
+    ids = jnp.round(actions).astype(jnp.int32)
+    one_hot = jax.nn.one_hot(ids, size, dtype=jnp.float32)       # (..., n, size)
+    return one_hot.reshape(*actions.shape[:-1], actions.shape[-1] * size)
+  raise ValueError(f"config.model.actions={mode!r}; choose from {ACTION_MODES}")
+
+
+def token_action_dim(mode: str, size: int, frames_per_patch: int, frames_per_model_frame: int = 1):
+  """The DiT's action_dim: a token spans frames_per_patch model frames (the patch's pt), each
+  holding frames_per_model_frame pixel frames (the VAE's temporal factor in latent space, else
+  1), each with `size` action features. 0 when mode is 'none'."""
+  if mode == "none":
+    return 0
+  return frames_per_patch * frames_per_model_frame * size
+
 
 def token_actions(actions, segment_ids, positions, frames_per_patch: int = 1):
   """(B, M, F, A) per-clip frame actions -> (B, L, pt * A) per token.
