@@ -25,6 +25,13 @@ all. A batch of B = batch_size // process_count rows, with M = max_clips_per_row
                                          source's (physics 2, atari 1 = the action id), or in
                                          latent space t x that (see below); absent for
                                          sources without actions
+  rewards        float32 (B, M, max_frames, k)  per frame of the crop, zero-padded, as actions:
+                                         k = 1, or t in latent space; rewards[f] is what the
+                                         game paid for actions[f] (atari/episodes.py); present
+                                         when the source's records have `rewards` (atari)
+  terminals      float32 (B, M, max_frames, k)  1 where the episode ended (game over) after
+                                         that frame's action, else 0; with rewards (zeros for
+                                         a source with rewards but no terminals)
   clip_index     int32 (B, M)            the clip's index in the source
   clip_epoch     int32 (B, M)            the pass over the data that drew it
   num_skipped    int32 (B,)              bad records skipped just before this row's clips
@@ -35,12 +42,13 @@ is for logging and conditioning on the host.
 
 Latent space (config.data.space='latent'): the source is the latent dataset the `latents`
 stage built from config.data.source under <data_dir>/latents/<latents_name>, read through
-latents.LatentClips: normalised latents (T', H', W', C) in place of pixels, the actions of
-each latent frame's t pixel frames side by side. The frame range (min/max_frames, in pixel
-frames) becomes the latent frames of those lengths; every crop starts at latent frame 0 (the
-frame coded from a single image, which is what a generated clip's first frame decodes as);
-and the 'cap' policy, or a latent frame over budget, shrinks frames by a random spatial crop,
-since box-filtered latents do not decode to a box-filtered video.
+latents.LatentClips: normalised latents (T', H', W', C) in place of pixels, the actions (and
+rewards, terminals) of each latent frame's t pixel frames side by side. The frame range
+(min/max_frames, in pixel frames) becomes the latent frames of those lengths; every crop
+starts at latent frame 0 (the frame coded from a single image, which is what a generated
+clip's first frame decodes as); and the 'cap' policy, or a latent frame over budget, shrinks
+frames by a random spatial crop, since box-filtered latents do not decode to a box-filtered
+video.
 
 Resize policy (config.data.resize): 'native' keeps every pixel (frames centre-cropped to whole
 patches); a clip over the row's budget is shortened in time, and a single latent frame over
@@ -91,7 +99,8 @@ RESIZE_POLICIES = ("native", "cap")
 # clips are large and CPU-bound, so a few threads and a short queue hold less and contend less.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 # Per-clip fields that ride through the packer as lists, one entry per clip of a row.
-_CLIP_FIELDS = ("clip_grid", "caption", "actions", "clip_index", "clip_epoch", "skipped",
+_FRAME_FIELDS = ("actions", "rewards", "terminals")   # per frame of the clip, cropped alike
+_CLIP_FIELDS = ("clip_grid", "caption", *_FRAME_FIELDS, "clip_index", "clip_epoch", "skipped",
                 "truncated")
 CAPTION_EMBEDDING = "caption_embedding"   # a source's precomputed caption, float (L, E)
 
@@ -107,7 +116,7 @@ def latent_to_pixels(latent) -> np.ndarray:
 
 class BadRecord(ValueError):
   """A record that cannot become a clip (unreadable, no video, too short or small, wrong
-  channels or dtype, NaN or Inf, actions that do not match the frames)."""
+  channels or dtype, NaN or Inf, actions or rewards that do not match the frames)."""
 
 
 def read_record(source, index: int) -> dict:
@@ -221,19 +230,31 @@ def _check(record: dict, spec: ClipSpec) -> np.ndarray:
   return video
 
 
+def _frame_rows(record: dict, name: str, frames: int, absent_width: int = 0) -> np.ndarray:
+  """Record field `name` as float32 (frames, k), one row per frame (absent: absent_width zero
+  columns). Raises BadRecord when its rows are not the frames or hold NaN or Inf."""
+  if name not in record:
+    return np.zeros((frames, absent_width), np.float32)
+  values = np.asarray(record[name], np.float32)
+  if values.ndim == 0 or len(values) != frames:
+    raise BadRecord(f"{name} of shape {values.shape} for {frames} frames")
+  if not np.isfinite(values).all():
+    raise BadRecord(f"{name} hold NaN or infinite values")
+  return values.reshape(frames, -1)
+
+
 def prepare_clip(record: dict, spec: ClipSpec, rng: np.random.Generator) -> dict:
   """A record -> its cropped, resized latent clip (T, H, W, C), divisible into patches.
 
-  Returns latent, actions (T, A) of the same frames and truncated (whether the clip had to be
-  cut beyond its random crop to fit max_tokens). Raises BadRecord.
+  Returns latent; actions (T, A), rewards and terminals (T, k) of the same frames (k = 0
+  without rewards; terminals are zeros where a record has rewards only); and truncated
+  (whether the clip had to be cut beyond its random crop to fit max_tokens). Raises BadRecord.
   """
   video = _check(record, spec)
   (t, h, w, _), (pt, ph, pw) = video.shape, spec.patch_size
-  actions = np.asarray(record.get("actions", np.zeros((t, 0))), np.float32)
-  if len(actions) != t:
-    raise BadRecord(f"{len(actions)} actions for {t} frames")
-  if not np.isfinite(actions).all():
-    raise BadRecord("actions hold NaN or infinite values")
+  rows = {"actions": _frame_rows(record, "actions", t),
+          "rewards": _frame_rows(record, "rewards", t)}
+  rows["terminals"] = _frame_rows(record, "terminals", t, rows["rewards"].shape[1])
   frames = int(rng.integers(min(spec.min_frames, t), min(spec.max_frames, t) + 1))
   gt, gh, gw = max(frames // pt, 1), h // ph, w // pw
   truncated = False
@@ -260,8 +281,7 @@ def prepare_clip(record: dict, spec: ClipSpec, rng: np.random.Generator) -> dict
     video = video[:, top:top + gh * ph, left:left + gw * pw]
   else:
     video = _resize(video, gh * ph, gw * pw)
-  return {"latent": video,
-          "actions": actions.reshape(t, -1)[start:start + gt * pt],
+  return {"latent": video, **{k: v[start:start + gt * pt] for k, v in rows.items()},
           "truncated": truncated}
 
 
@@ -293,7 +313,7 @@ class ClipToTokens(grain.transforms.Map):
             "positions": patches.positions(grid),
             "clip_grid": np.array(grid, np.int32),
             "caption": caption.decode() if isinstance(caption, bytes) else str(caption),
-            "actions": clip["actions"], "clip_index": index, "clip_epoch": epoch,
+            **{k: clip[k] for k in _FRAME_FIELDS}, "clip_index": index, "clip_epoch": epoch,
             "truncated": int(clip["truncated"])}
 
 
@@ -372,12 +392,13 @@ class PackedRow(grain.transforms.Map):
       batch_row.update(text=text[0], text_segment_ids=text_segment_ids[0])
     elif self.text == "embeddings":
       batch_row["text"], batch_row["text_segment_ids"] = self._embeddings(row[CAPTION_EMBEDDING])
-    action_dim = row["actions"][0].shape[1]
-    if action_dim:  # worker processes cannot ship empty arrays (zero-byte shared memory)
-      actions = np.zeros((self.max_clips, self.max_frames, action_dim), np.float32)
-      for m, clip_actions in enumerate(row["actions"]):
-        actions[m, :len(clip_actions)] = clip_actions
-      batch_row["actions"] = actions
+    for name in _FRAME_FIELDS:
+      width = row[name][0].shape[1]
+      if width:  # worker processes cannot ship empty arrays (zero-byte shared memory)
+        values = np.zeros((self.max_clips, self.max_frames, width), np.float32)
+        for m, clip_values in enumerate(row[name]):
+          values[m, :len(clip_values)] = clip_values
+        batch_row[name] = values
     return batch_row
 
 

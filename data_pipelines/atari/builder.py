@@ -1,10 +1,12 @@
-"""TFDS builder of Atari episodes played by random policies, with actions and rewards.
+"""TFDS builder of Atari episodes played by random policies, with actions, rewards and
+terminals.
 
 Each game gets `episodes_per_game` episodes, each seeded by (seed, game, episode) so the
 dataset is the same on every machine; episodes are cut into clips of at most `clip_frames`
-steps (a shorter tail is kept when it has at least `min_clip_frames`). Per-frame alignment
-of frames, actions and rewards: see `episodes`. A clip starts at step
-clip_index * clip_frames of its episode; replaying the episode's actions from
+steps. A shorter tail is kept when it has at least `min_clip_frames` steps, or when it ends
+the episode at game over, whatever its length: it holds the episode's only terminal step.
+Per-frame alignment of frames, actions, rewards and terminals: see `episodes`. A clip starts
+at step clip_index * clip_frames of its episode; replaying the episode's actions from
 `make_ale(game, episode_seed)` reproduces its frames.
 
 Each option set is its own TFDS config (directory). Records are written as ArrayRecord and
@@ -76,7 +78,12 @@ def caption(game: str, config: AtariConfig) -> str:
 class Atari(tfds.core.GeneratorBasedBuilder):
   """Clips of ALE episodes; construct with `config=make_config(...)`."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Frames, actions and rewards.",
+      "1.1.0": "Per-frame terminals (game over); a game-over tail shorter than "
+               "min_clip_frames is kept.",
+  }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -86,6 +93,7 @@ class Atari(tfds.core.GeneratorBasedBuilder):
             "actions": tfds.features.Tensor(shape=(None,), dtype=np.int32, minimum=0,
                                             maximum=episodes.NUM_ACTIONS - 1),
             "rewards": tfds.features.Tensor(shape=(None,), dtype=np.float32),
+            "terminals": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
             "game": tfds.features.Text(),
             "episode_index": tfds.features.Scalar(dtype=np.int32),
             "episode_seed": tfds.features.Scalar(dtype=np.int64),
@@ -106,15 +114,17 @@ class Atari(tfds.core.GeneratorBasedBuilder):
                             max_steps=config.max_episode_steps, shape=shape)
       for clip_index in itertools.count():
         clip = list(itertools.islice(steps, config.clip_frames))
-        if len(clip) < config.min_clip_frames:
+        ends_game = bool(clip) and clip[-1][3]
+        if len(clip) < config.min_clip_frames and not ends_game:
           break
-        frames, actions, rewards = zip(*clip)
+        frames, actions, rewards, terminals = zip(*clip)
         yield f"{game}/{episode_index}/{clip_index}", {
             "video": np.stack(frames),
             "fps": episodes.CONSOLE_FPS / config.frameskip,
             "caption": caption(game, config),
             "actions": np.array(actions, np.int32),
             "rewards": np.array(rewards, np.float32),
+            "terminals": np.array(terminals, np.bool_),
             "game": game, "episode_index": episode_index, "episode_seed": seed,
             "clip_index": clip_index}
 

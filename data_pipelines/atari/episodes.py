@@ -4,7 +4,10 @@ Alignment of one step t (what the builder stores per frame):
   frames[t]   the screen the policy sees (after reset for t = 0, else after step t - 1);
   actions[t]  the ALE action id the policy picks having seen frames[t], held for `frameskip`
               emulator frames;
-  rewards[t]  the sum of the rewards ALE returns over those frames.
+  rewards[t]  the sum of the rewards ALE returns over those frames;
+  terminals[t] True when the game was over after those frames (ALE's game_over(): the
+              episode's last step), False on every other step and on the last step of an
+              episode cut at max_steps, which the game did not end.
 So frames[t + 1] is the first frame that shows the effect of actions[t] (and of rewards[t],
 e.g. a changed score). The screen after the last action of an episode is not stored: it
 has no action.
@@ -58,35 +61,38 @@ def screen(ale: ale_py.ALEInterface, shape: tuple[int, int]) -> np.ndarray:
   return np.asarray(Image.fromarray(rgb).resize(shape[::-1], Image.Resampling.BOX))
 
 
-def act(ale: ale_py.ALEInterface, action: int, frameskip: int) -> float:
-  """Plays `action` for `frameskip` emulator frames (fewer if the game ends); the reward sum."""
+def act(ale: ale_py.ALEInterface, action: int, frameskip: int) -> tuple[float, bool]:
+  """Plays `action` for `frameskip` emulator frames (fewer if the game ends); the reward sum
+  and whether the game is over."""
   reward = 0.0
   for _ in range(frameskip):
     reward += ale.act(ale_py.Action(action))
     if ale.game_over():
-      break
-  return reward
+      return reward, True
+  return reward, False
 
 
 def play(game: str, seed: int, *, sticky_prob: float, frameskip: int, max_steps: int,
-         shape: tuple[int, int]) -> Iterator[tuple[np.ndarray, int, float]]:
-  """Yields (frame, action, reward) steps of one episode of a random policy.
+         shape: tuple[int, int]) -> Iterator[tuple[np.ndarray, int, float, bool]]:
+  """Yields (frame, action, reward, terminal) steps of one episode of a random policy.
 
   The policy draws uniformly from the game's minimal action set, except that with
   probability `sticky_prob` it repeats its previous action (sticky actions, Machado et al.
-  2018; 0 gives the plain random policy). The episode ends at game over or `max_steps`.
+  2018; 0 gives the plain random policy). The episode ends at game over (its last step is
+  terminal) or after `max_steps` steps (none is).
   """
   ale = make_ale(game, seed)
   actions = [int(a.value) for a in ale.getMinimalActionSet()]
   rng = np.random.default_rng(seed)
   action = None
   for _ in range(max_steps):
-    if ale.game_over():
-      return
     frame = screen(ale, shape)
     if action is None or rng.random() >= sticky_prob:
       action = actions[rng.integers(len(actions))]
-    yield frame, action, act(ale, action, frameskip)
+    reward, terminal = act(ale, action, frameskip)
+    yield frame, action, reward, terminal
+    if terminal:
+      return
 
 
 def episode_seed(seed: int, game: str, episode_index: int) -> int:

@@ -12,9 +12,9 @@ the pixel frame rate) and the multi-host layout are described in builder.py and 
 """
 from data_pipelines.latents.builder import (FRAME_FIELDS, STATS_NAME, ConcatSource, Latents,
                                             build, load, load_stats)
-from data_pipelines.latents.clips import LatentClips, actions_per_latent_frame
+from data_pipelines.latents.clips import LatentClips, actions_per_latent_frame, per_latent_frame
 from data_pipelines.latents.encode import ClipEncoder, kept_frames, pixel_frames_of
 
 __all__ = ["ClipEncoder", "ConcatSource", "FRAME_FIELDS", "LatentClips", "Latents", "STATS_NAME",
            "actions_per_latent_frame", "build", "kept_frames", "load", "load_stats",
-           "pixel_frames_of"]
+           "per_latent_frame", "pixel_frames_of"]

@@ -9,8 +9,13 @@ Record (one source clip; read back as numpy arrays, text as bytes):
   source_index  int64 ()                 the record's index in the source.
   every other field of the source record, with the source's own feature spec (caption,
   fps, params, object_names, index, ...), unchanged; the per-frame fields (`frame_fields`:
-  actions, rewards, states by default) cut to the same T frames and still one row per pixel
-  frame. Latent frame 0 <- pixel frame 0; latent frame j > 0 <- pixel frames 4j-3 .. 4j.
+  actions, rewards, terminals, states by default) cut to the same T frames and still one row
+  per pixel frame. Latent frame 0 <- pixel frame 0; latent frame j > 0 <- pixel frames
+  4j-3 .. 4j. The one exception to the cut: a terminal (Atari's game over) among the dropped
+  frames moves to the last kept frame, so a clip that ends its episode still ends in a
+  terminal, at most 3 frames early (the game over is what a terminal head must learn, and an
+  episode's only terminal is its last frame, which the 1 + 4k rule drops 3 times in 4).
+  Rewards of dropped frames are dropped with them.
   The frame and crop rules are in encode.py: clips are cut to the largest 1 + 4k frames
   (never padded; a 1-frame clip is kept, a clip with no frames is skipped and counted) and
   frames to multiples of s (or of build()'s size_multiple) by dropping the last rows / columns
@@ -57,7 +62,8 @@ from worldsim.models import vae as vae_lib
 
 STATS_NAME = "latent_stats.json"
 SHARD_STATS_NAME = "shard_stats.json"
-FRAME_FIELDS = ("actions", "rewards", "states")   # one row per pixel frame (physics, atari)
+FRAME_FIELDS = ("actions", "rewards", "terminals", "states")  # one row per pixel frame
+END_FLAGS = ("terminals",)   # per-frame flags that a cut moves onto the last kept frame
 _COUNTS = ("encoded", "no_frames", "too_small", "frames_dropped", "cropped")
 
 
@@ -66,14 +72,19 @@ def _shard_name(process_index: int, process_count: int) -> str:
 
 
 def cut_frames(value, num_frames: int, kept: int, field: str):
-  """A per-frame field (an array or a dict of them) cut to its first `kept` rows."""
+  """A per-frame field (an array or a dict of them) cut to its first `kept` rows (END_FLAGS:
+  set on the last kept row when set on a dropped one)."""
   if isinstance(value, dict):
     return {k: cut_frames(v, num_frames, kept, f"{field}/{k}") for k, v in value.items()}
   array = np.asarray(value)
   if array.ndim == 0 or len(array) != num_frames:
     raise ValueError(f"per-frame field {field!r} has shape {array.shape}, but the clip has "
                      f"{num_frames} frames; leave it out of frame_fields if it is not per frame")
-  return array[:kept]
+  if field not in END_FLAGS or not 0 < kept < num_frames:
+    return array[:kept]
+  cut = array[:kept].copy()                   # the source's array may be read-only
+  cut[-1] = array[kept - 1:].max(axis=0)      # a flag in the dropped frames moves here
+  return cut
 
 
 class Latents(tfds.core.GeneratorBasedBuilder):

@@ -8,6 +8,9 @@ batch steps serve both spaces:
                                      actions of its t pixel frames side by side (pixel frames
                                      4j-3 .. 4j; frame 0, coded alone, gets t-1 zero rows
                                      before its own), so no action is lost or averaged
+  rewards   float32 (T', t)          when the source has them (Atari), grouped the same way;
+  terminals float32 (T', t)          1.0 on a game-over frame (builder.py: a terminal the
+                                     1 + 4k cut drops sits on the last kept frame)
   every other field unchanged (caption, fps, states, source_index, ...).
 """
 import numpy as np
@@ -17,17 +20,23 @@ from data_pipelines.latents import builder
 from data_pipelines.latents.features import LATENT
 
 
-def actions_per_latent_frame(actions: np.ndarray, temporal_factor: int) -> np.ndarray:
-  """(1 + t k, A) per pixel frame -> (1 + k, t A): each latent frame's pixel frames side by
-  side, frame 0 padded in front with t - 1 zero rows."""
-  actions = np.asarray(actions, np.float32)
-  actions = actions.reshape(len(actions), -1)
+GROUPED_FIELDS = ("actions", "rewards", "terminals")   # per pixel frame -> per latent frame
+
+
+def per_latent_frame(values: np.ndarray, temporal_factor: int) -> np.ndarray:
+  """(1 + t k, A) or (1 + t k,) per pixel frame -> float32 (1 + k, t A): each latent frame's
+  pixel frames side by side, frame 0 padded in front with t - 1 zero rows."""
+  values = np.asarray(values, np.float32)
+  values = values.reshape(len(values), -1)
   t = temporal_factor
-  if (len(actions) - 1) % t:
-    raise ValueError(f"{len(actions)} per-frame actions is not 1 + {t}k; latent records keep "
-                     "the first 1 + tk frames' actions")
-  padded = np.concatenate([np.zeros((t - 1, actions.shape[1]), np.float32), actions])
-  return padded.reshape(len(padded) // t, t * actions.shape[1])
+  if (len(values) - 1) % t:
+    raise ValueError(f"{len(values)} per-frame rows is not 1 + {t}k; latent records keep "
+                     "the first 1 + tk frames' rows")
+  padded = np.concatenate([np.zeros((t - 1, values.shape[1]), np.float32), values])
+  return padded.reshape(len(padded) // t, t * values.shape[1])
+
+
+actions_per_latent_frame = per_latent_frame   # its first name, for actions only
 
 
 class LatentClips:
@@ -47,9 +56,9 @@ class LatentClips:
   def __getitem__(self, index) -> dict:
     record = dict(self.source[index])
     record["video"] = self.normalise(record.pop(LATENT))
-    if "actions" in record:
-      record["actions"] = actions_per_latent_frame(record["actions"],
-                                                   self.geometry.temporal_factor)
+    for name in GROUPED_FIELDS:
+      if name in record:
+        record[name] = per_latent_frame(record[name], self.geometry.temporal_factor)
     return record
 
   def normalise(self, latent) -> np.ndarray:

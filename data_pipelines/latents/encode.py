@@ -6,8 +6,9 @@ latent frames, so a clip of T frames is cut to its first 1 + t * ((T - 1) // t) 
 largest valid length; the last (T - 1) % t frames are dropped, never padded). A 1-frame clip
 is valid (one latent frame); a clip with no frames is skipped and counted. Latent frame 0
 comes from pixel frame 0 alone, latent frame j > 0 from pixel frames t(j-1)+1 .. tj (4j-3 ..
-4j); per-frame fields (actions, states, rewards) are cut to the same first frames and stay at
-the pixel frame rate, so their row i is still pixel frame i.
+4j); per-frame fields (actions, states, rewards, terminals) are cut to the same first frames
+and stay at the pixel frame rate, so their row i is still pixel frame i (a dropped terminal
+moves to the last kept frame: builder.py).
 
 Crop rule. Height and width are cut down to multiples of the spatial factor s by dropping the
 last rows and columns (at most s - 1 of each): the top-left corner stays the origin, so pixel

@@ -1,4 +1,5 @@
-"""atari: recorded frames, actions and rewards line up with a replay in a fresh emulator."""
+"""atari: recorded frames, actions, rewards and terminals line up with a replay in a fresh
+emulator."""
 import os
 from pathlib import Path
 import subprocess
@@ -13,8 +14,11 @@ from data_pipelines import atari
 
 REPO = Path(__file__).resolve().parents[2]
 GAMES = ("pong", "breakout")
-# 120 steps of 4 frames: long enough for Pong's first points, cut into clips 50 + 50 + 20.
-OPTIONS = dict(episodes_per_game=1, max_episode_steps=120, clip_frames=50, min_clip_frames=10)
+# Up to 150 steps of 4 frames: long enough for Pong's first points, and for Breakout's random
+# player (seed 0) to lose its last ball at step 148. Clips of 48: Pong's 6-step tail is cut
+# (too short), Breakout's 4-step tail is kept (it ends the game).
+OPTIONS = dict(episodes_per_game=1, max_episode_steps=150, clip_frames=48, min_clip_frames=10)
+STEPS = {"pong": 144, "breakout": 148}
 
 
 def episodes_of(source) -> dict[str, dict]:
@@ -28,9 +32,9 @@ def episodes_of(source) -> dict[str, dict]:
     records.sort(key=lambda r: r["clip_index"])
     assert [r["clip_index"] for r in records] == list(range(len(records)))
     episodes[game] = {key: np.concatenate([r[key] for r in records])
-                      for key in ("video", "actions", "rewards")}
+                      for key in ("video", "actions", "rewards", "terminals")}
     episodes[game].update(seed=int(records[0]["episode_seed"]), caption=records[0]["caption"],
-                          fps=records[0]["fps"])
+                          fps=records[0]["fps"], clip_frames=[len(r["actions"]) for r in records])
   return episodes
 
 
@@ -44,17 +48,29 @@ def native(tmp_path_factory) -> dict[str, dict]:
 def test_both_games_build_with_aligned_fields(native):
   assert sorted(native) == sorted(GAMES)
   for game, episode in native.items():
-    assert episode["video"].shape == (120, 210, 160, 3) and episode["video"].dtype == np.uint8
-    assert episode["actions"].shape == (120,) and episode["actions"].dtype == np.int32
-    assert episode["rewards"].shape == (120,) and episode["rewards"].dtype == np.float32
+    steps = STEPS[game]
+    assert episode["video"].shape == (steps, 210, 160, 3) and episode["video"].dtype == np.uint8
+    assert episode["actions"].shape == (steps,) and episode["actions"].dtype == np.int32
+    assert episode["rewards"].shape == (steps,) and episode["rewards"].dtype == np.float32
+    assert episode["terminals"].shape == (steps,) and episode["terminals"].dtype == bool
     assert episode["fps"] == 15
     legal = {a.value for a in atari.make_ale(game, 0).getMinimalActionSet()}
     assert set(episode["actions"].tolist()) <= legal
   assert native["pong"]["caption"] == b"Pong, sticky-action random policy (p=0.25)"
 
 
-def test_replay_reproduces_frames_and_rewards(native):
-  """frames[t] is seen before actions[t]; rewards[t] is what ALE pays over its 4 frames."""
+def test_terminal_marks_game_over_not_the_step_limit(native):
+  """Breakout's game ends: its last step is the one terminal, and the short tail holding it
+  is kept; Pong is cut at max_episode_steps: no terminal, and its short tail is dropped."""
+  assert native["breakout"]["clip_frames"] == [48, 48, 48, 4]
+  np.testing.assert_array_equal(native["breakout"]["terminals"], np.arange(148) == 147)
+  assert native["pong"]["clip_frames"] == [48, 48, 48]
+  assert not native["pong"]["terminals"].any()
+
+
+def test_replay_reproduces_frames_rewards_and_terminals(native):
+  """frames[t] is seen before actions[t]; rewards[t] is what ALE pays over its 4 frames;
+  terminals[t] whether the game is over after them."""
   assert np.any(native["pong"]["rewards"] != 0), "the check below needs a scored point"
   for game, episode in native.items():
     ale = atari.make_ale(game, episode["seed"])
@@ -62,6 +78,7 @@ def test_replay_reproduces_frames_and_rewards(native):
       np.testing.assert_array_equal(ale.getScreenRGB(), episode["video"][t], err_msg=f"{game} {t}")
       reward = sum(ale.act(ale_py.Action(action)) for _ in range(4))
       assert reward == episode["rewards"][t], f"{game} step {t}"
+      assert ale.game_over() == episode["terminals"][t], f"{game} step {t}"
 
 
 def test_downscaled_build_is_the_same_play_resized(native, tmp_path):

@@ -153,6 +153,47 @@ def test_any_source_short_clips_and_odd_sizes(tmp_path, params):
     assert r["caption"] == original["caption"].encode() and r["fps"] == 8.0
 
 
+def test_rewards_and_terminals_reach_latent_records_and_batches(tmp_path, params):
+  """Atari-like records (rewards = 10 x the step, the episode's last step terminal): cut with
+  the frames, except that a terminal the 1 + 4k rule drops moves to the last kept frame;
+  grouped per latent frame like actions; and batched by the loader as (B, M, F', 4). Frames
+  of 8 x 8 in batches of 2, as the test above: the same compiled encoder."""
+  import ml_collections
+  from data_pipelines import loader
+  rng = np.random.default_rng(2)
+
+  def record(frames, ends_episode):
+    steps = np.arange(frames)
+    return {"video": rng.integers(0, 256, (frames, 8, 8, 3), dtype=np.uint8),
+            "actions": steps.astype(np.int32), "rewards": (steps * 10).astype(np.float32),
+            "terminals": (steps == frames - 1) & ends_episode, "fps": np.float32(15.0)}
+
+  source = [record(7, True), record(9, True), record(6, False)]   # 5, 9 and 5 frames kept
+  latents.build(tmp_path / "latents", source, MODEL, params, name="atari", batch_size=2)
+  raw = latents.load(tmp_path / "latents", name="atari")
+  np.testing.assert_array_equal(raw[0]["terminals"], [0, 0, 0, 0, 1])       # moved from 6
+  np.testing.assert_array_equal(raw[1]["terminals"], np.arange(9) == 8)
+  assert not raw[2]["terminals"].any()
+  for r in (raw[0], raw[1], raw[2]):
+    np.testing.assert_array_equal(r["rewards"], r["actions"] * 10)
+  clips = latents.LatentClips(tmp_path / "latents", "atari")
+  np.testing.assert_array_equal(clips[0]["rewards"], [[0, 0, 0, 0], [10, 20, 30, 40]])
+  np.testing.assert_array_equal(clips[0]["terminals"], [[0, 0, 0, 0], [0, 0, 0, 1]])
+  assert clips[1]["terminals"].dtype == np.float32 and clips[1]["terminals"].shape == (3, 4)
+  d = ml_collections.ConfigDict(dict(
+      source="atari", space="latent", data_dir=str(tmp_path), latents_name="atari",
+      min_frames=1, max_frames=9, resize="native", max_tokens_per_clip=0, token_budget=16,
+      max_clips_per_row=4, packing_bins=2, batch_size=2, channels=3, worker_count=0))
+  batch = next(iter(loader.make_dataset(d, (1, 2, 2), seed=0)))
+  for name in ("actions", "rewards", "terminals"):
+    assert batch[name].shape == (2, 4, 3, 4) and batch[name].dtype == np.float32
+  for row, m in np.argwhere(batch["clip_index"] >= 0):
+    clip, frames = clips[batch["clip_index"][row, m]], batch["clip_grid"][row, m, 0]
+    for name in ("actions", "rewards", "terminals"):
+      np.testing.assert_array_equal(batch[name][row, m, :frames], clip[name][:frames])
+      assert not batch[name][row, m, frames:].any()
+
+
 def test_build_and_read_do_not_import_tensorflow(built):
   """In process: the build and reads above ran in this interpreter (the physics_world tests
   check a fresh one); nothing in the suite imports TensorFlow."""
@@ -205,9 +246,11 @@ def test_latent_clips_are_normalised_with_actions_per_latent_frame(built, physic
     assert record["caption"] == physics[i]["caption"]
 
 
-def test_actions_per_latent_frame_needs_one_plus_4k_rows():
+def test_per_latent_frame_needs_one_plus_4k_rows():
   with pytest.raises(ValueError, match="1 \\+ 4k"):
-    latents.actions_per_latent_frame(np.zeros((6, 2)), 4)
+    latents.per_latent_frame(np.zeros((6, 2)), 4)
+  np.testing.assert_array_equal(latents.per_latent_frame(np.arange(5), 4),
+                                [[0, 0, 0, 0], [1, 2, 3, 4]])
 
 
 def test_the_loader_packs_latent_clips_from_their_first_frame(built):

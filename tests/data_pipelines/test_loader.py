@@ -116,6 +116,28 @@ def test_crop_and_resize_policies():
   assert np.prod(patches.grid_shape(clip["latent"].shape, PATCH)) <= 20
 
 
+def test_rewards_and_terminals_are_cut_with_the_actions():
+  video = np.zeros((9, 8, 8, 3), np.uint8)
+  steps = np.arange(9)
+  record = {"video": video, "actions": steps, "rewards": steps * 10.0, "terminals": steps == 8}
+  spec = loader.clip_spec(data_config_for_tests(), PATCH)
+  for seed in range(8):
+    clip = loader.prepare_clip(record, spec, np.random.default_rng(seed))
+    t = len(clip["latent"])
+    assert clip["rewards"].shape == clip["terminals"].shape == (t, 1)
+    np.testing.assert_array_equal(clip["rewards"], clip["actions"] * 10)
+    np.testing.assert_array_equal(clip["terminals"], clip["actions"] == 8)
+  rewards_only = loader.prepare_clip({"video": video, "rewards": steps}, spec,
+                                     np.random.default_rng(0))
+  assert not rewards_only["terminals"].any() and rewards_only["terminals"].shape[1] == 1
+  neither = loader.prepare_clip({"video": video}, spec, np.random.default_rng(0))
+  assert neither["rewards"].shape[1] == neither["terminals"].shape[1] == 0
+  for field, value in (("rewards", steps[:8]), ("terminals", steps[1:] == 8),
+                       ("rewards", np.float32(0)), ("rewards", steps * np.nan)):
+    with pytest.raises(loader.BadRecord, match=field):
+      loader.prepare_clip({**record, field: value}, spec, np.random.default_rng(0))
+
+
 def test_bad_records_are_skipped_and_counted(monkeypatch):
   bad = {3, 7, 11, 15}
 
@@ -250,6 +272,42 @@ def test_atari_episodes_flow_through(tmp_path):
   d = data_config_for_tests(source="atari", data_dir=str(tmp_path), min_frames=4, max_frames=8,
                             token_budget=512, packing_bins=2, batch_size=2)
   _assert_source_flows_through(d, atari.load(tmp_path), action_dim=1)
+  batch = _batches(d, 1)[0]
+  for name in ("actions", "rewards", "terminals"):
+    assert batch[name].shape == (2, d.max_clips_per_row, 8, 1) and batch[name].dtype == np.float32
+
+
+def test_rewards_and_terminals_ride_with_their_clips_frame_by_frame():
+  """Per clip and frame, rewards and terminals stay beside the action of the same frame (the
+  record's rewards are 10 x its action ids, its last frame is terminal); zeros after."""
+
+  class Played(shapes.ShapesSource):
+    def __getitem__(self, index):
+      record = super().__getitem__(index)
+      steps = np.arange(len(record["video"]))
+      return {**record, "actions": steps + 100 * index, "rewards": (steps + 100 * index) * 10.0,
+              "terminals": steps == steps[-1]}
+
+  d = data_config_for_tests()
+  source = Played(num_clips=d.num_clips, min_frames=d.min_frames, max_frames=d.max_frames,
+                  min_side=d.min_side, max_side=d.max_side, max_shapes=2, seed=SEED)
+  import unittest.mock
+  with unittest.mock.patch.object(loader, "make_source", lambda d, seed: source):
+    batch = next(iter(loader.make_dataset(d, PATCH, SEED)))
+  shape = (d.batch_size, d.max_clips_per_row, d.max_frames, 1)
+  assert batch["rewards"].shape == batch["terminals"].shape == batch["actions"].shape == shape
+  terminals = 0
+  for row, m in np.argwhere(batch["clip_index"] >= 0):
+    index, frames = batch["clip_index"][row, m], batch["clip_grid"][row, m, 0] * PATCH[0]
+    actions = batch["actions"][row, m, :frames, 0]
+    np.testing.assert_array_equal(batch["rewards"][row, m, :frames, 0], actions * 10)
+    last = len(source[int(index)]["video"]) - 1 + 100 * index
+    np.testing.assert_array_equal(batch["terminals"][row, m, :frames, 0], actions == last)
+    terminals += int((actions == last).sum())
+    for name in ("rewards", "terminals"):
+      assert not batch[name][row, m, frames:].any()
+  assert terminals, "no crop reached a clip's last frame"
+  assert not batch["rewards"][batch["clip_index"] < 0].any()
 
 
 def test_video_folder_clips_flow_through(tmp_path):

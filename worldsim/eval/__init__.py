@@ -11,6 +11,9 @@ masks.py         Physics-IQ-style motion masks: spatial, spatiotemporal, weighte
 video_metrics.py PSNR and SSIM over the horizon; controllability (true vs shuffled actions)
 report.py        the report, its JSON and plots (plots.py), the engine-vs-engine ceiling
 headline.py      headline(config, workdir): a trained model's mean report on held-out scenes
+atari.py         Atari: a model's frames (and rewards) against ALE's from the same state,
+                 fed the emulator's actions; PSNR/SSIM per horizon step (import it by name:
+                 it needs the atari extra)
 
 Needs the physics extra (pymunk): the object colours come from the physics world's palette.
 """

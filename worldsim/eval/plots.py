@@ -1,5 +1,6 @@
-"""PNG plots of a physics report (report.py), drawn with matplotlib's Agg backend so that they
-work on machines without a display."""
+"""PNG plots of a physics report (report.py) and of Atari prediction against the emulator
+(atari.py), drawn with matplotlib's Agg backend so that they work on machines without a
+display."""
 import matplotlib
 
 matplotlib.use('Agg')
@@ -57,5 +58,33 @@ def plot_horizon(report, path):
     axis.grid(alpha=0.3)
   figure.suptitle(f"{report['scene']}: error against the horizon")
   figure.subplots_adjust(wspace=0.35)  # room for the y labels (tight_layout costs a draw)
+  figure.savefig(path, dpi=80, bbox_inches='tight')
+  plt.close(figure)
+
+
+def plot_prediction_horizon(reports, path):
+  """PSNR (mean of frames', and pooled over episodes) and SSIM against the horizon step, one
+  line per predictor ({name: report} of eval/atari.py: a model and its baselines against
+  the emulator)."""
+  figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+  for name, report in reports.items():
+    steps = np.arange(1, report['horizon'] + 1)
+    line, = axes[0].plot(steps, _array(report['psnr_db']), 'o-', ms=3,
+                         label=f"{name} ({report['psnr_db_mean']:.1f} dB)")
+    axes[1].plot(steps, _array(report['psnr_db_pooled']), 'o-', ms=3, color=line.get_color(),
+                 label=f"{name} ({report['psnr_db_pooled_mean']:.1f} dB)")
+    axes[2].plot(steps, _array(report['ssim']), 'o-', ms=3, color=line.get_color())
+  axes[0].set_ylabel('PSNR (dB), mean of frames')
+  axes[1].set_ylabel('PSNR (dB), errors pooled')
+  axes[2].set_ylabel('SSIM')
+  for axis in axes:
+    axis.set_xlabel('frames after the context')
+    axis.grid(alpha=0.3)
+  for axis in axes[:2]:
+    axis.legend(fontsize=7)
+  report = next(iter(reports.values()))
+  figure.suptitle(f"prediction against the emulator: {', '.join(report['per_game'])}, "
+                  f"{report['n_context']} context frames from step {report['start']}")
+  figure.subplots_adjust(wspace=0.3)  # room for the y labels (tight_layout costs a draw)
   figure.savefig(path, dpi=80, bbox_inches='tight')
   plt.close(figure)
