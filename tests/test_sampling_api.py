@@ -125,7 +125,7 @@ def test_sizes_from_seconds_and_aspect_ratio_are_rounded_and_logged(sim, caplog)
     (dict(steps=0), ValueError, "steps=0"),
     (dict(draft=dict(height=8), refine_t=0.0), ValueError, "refine_t=0.0"),
     (dict(draft=dict(depth=8)), ValueError, "draft="),
-    (dict(actions=np.zeros((2, 3))), NotImplementedError, "no action conditioning"),
+    (dict(actions=np.zeros((2, 3))), ValueError, "no action conditioning"),
 ])
 def test_impossible_requests_name_the_argument(sim, kwargs, error, match):
   with pytest.raises(error, match=match):

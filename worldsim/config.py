@@ -9,6 +9,12 @@ from worldsim.parallel import mesh as mesh_lib
 STAGES = ("vae", "latents", "dit", "samples")
 DIT_STAGES = ("dit", "samples")         # stages that read config.model, diffusion, optim, train
 VAE_STAGES = ("vae", "latents")         # stages that read config.vae
+# What a source's per-frame actions are (data_pipelines): (config.model.actions, and for
+# continuous actions the floats per frame, for discrete ones the ids there are). The others
+# (shapes, video_folder) have none.
+SOURCE_ACTIONS = {"physics_world": ("continuous", 2),    # an impulse (x, y) on the agent
+                  "atari": ("discrete", 18)}             # ALE's full action set
+SOURCES_WITH_REWARDS = ("atari",)
 
 
 class ConfigError(ValueError):
@@ -35,13 +41,18 @@ def latent_geometry(config):
   return loader.LatentGeometry(v.latent_channels, v.temporal_factor)
 
 
+def pixel_frames_per_model_frame(config) -> int:
+  """Pixel frames in one frame the DiT models: the VAE's temporal factor in latent space (a
+  latent frame's per-frame actions and rewards lie side by side), else 1."""
+  return latent_geometry(config).temporal_factor if space(config) == "latent" else 1
+
+
 def action_dim(config) -> int:
   """The DiT's per-token action width (dit.DiTConfig.action_dim) for config.model.actions
   ('none' -> 0): the patch's frames x pixel frames per model frame x config.model.action_size."""
   m = config.model
-  per_model_frame = latent_geometry(config).temporal_factor if space(config) == "latent" else 1
   return conditioning.token_action_dim(m.get("actions", "none"), m.get("action_size", 0),
-                                       int(m.patch_size[0]), per_model_frame)
+                                       int(m.patch_size[0]), pixel_frames_per_model_frame(config))
 
 
 def _check(ok: bool, message: str):
@@ -139,6 +150,7 @@ def _validate_dit(config, num_devices: int) -> None:
     _check(m.get("text_embed_dim", 0) >= 1,
            "config.model.text='embeddings' needs config.model.text_embed_dim: the width of "
            "the source's caption_embedding rows")
+  _validate_actions(config)
   _check(0.0 <= config.diffusion.per_frame_noise <= 1.0,
          f"config.diffusion.per_frame_noise={config.diffusion.per_frame_noise} is a share: "
          f"set it between 0 and 1")
@@ -169,6 +181,43 @@ def _validate_dit(config, num_devices: int) -> None:
   else:
     _check(all(n % p == 0 for n, p in zip(size, m.patch_size)),
            f"config.sample size {size} must divide into patches of {tuple(m.patch_size)}")
+
+
+def _validate_actions(config) -> None:
+  """config.model.actions / action_size against what the source gives, action_dropout, and
+  reward_heads only where there are rewards. Read with defaults: older configs have none."""
+  d, m = config.data, config.model
+  mode, size = m.get("actions", "none"), m.get("action_size", 0)
+  _check(mode in conditioning.ACTION_MODES,
+         f"config.model.actions={mode!r} is unknown; choose from {conditioning.ACTION_MODES}")
+  if mode != "none":
+    _check(d.source in SOURCE_ACTIONS,
+           f"config.model.actions={mode!r}, but config.data.source={d.source!r} has no actions; "
+           f"set --config.model.actions=none, or use a source with actions "
+           f"({', '.join(SOURCE_ACTIONS)})")
+    source_mode, source_size = SOURCE_ACTIONS[d.source]
+    _check(mode == source_mode,
+           f"config.model.actions={mode!r}, but {d.source}'s actions are {source_mode}; set "
+           f"--config.model.actions={source_mode}")
+    _check(size >= 1, f"config.model.actions={mode!r} needs config.model.action_size >= 1 "
+           f"({d.source}: {source_size}); set --config.model.action_size={source_size}")
+    if mode == "continuous":
+      _check(size == source_size,
+             f"config.model.action_size={size}, but {d.source} gives {source_size} floats per "
+             f"frame; set --config.model.action_size={source_size}")
+    else:
+      _check(size >= source_size,
+             f"config.model.action_size={size} is fewer than {d.source}'s {source_size} action "
+             f"ids; set --config.model.action_size={source_size}")
+    rate = config.diffusion.get("action_dropout", 0.0)
+    _check(0.0 <= rate < 1.0,
+           f"config.diffusion.action_dropout={rate} is a share of clips: set it in [0, 1)")
+  if m.get("reward_heads", False):
+    _check(d.source in SOURCES_WITH_REWARDS,
+           f"config.model.reward_heads=True, but config.data.source={d.source!r} has no rewards; "
+           f"set --config.model.reward_heads=False, or use {' or '.join(SOURCES_WITH_REWARDS)}")
+    weight = config.train.get("heads_weight", 1.0)
+    _check(weight >= 0, f"config.train.heads_weight={weight} must be >= 0")
 
 
 def _check_hosts(sizes: dict) -> None:

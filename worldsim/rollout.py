@@ -16,7 +16,9 @@ runs each denoising step over the chunk's tokens alone; a bidirectional one runs
 over window + chunk with the window held at its noise level. Finished chunks stream through
 the VAE's causal decoder with its cache (vae.decode_chunk), so the host holds one window, one
 chunk and the decoder's cache, whatever the length; `save_rollout` writes frames to the mp4
-as they come.
+as they come. An action-conditioned model reads each frame's actions (`actions=`, per pixel
+frame; worldsim/actions.py lays them out per token); worldsim/env.py steps a batch of such
+rollouts one token frame at a time under an agent's actions (denoise_chunk is batched).
 
   sim = worldsim.load("runs/physics_tiny")
   for frames in rollout_frames(sim, seconds=60, caption="a ball rolls down a ramp"): ...
@@ -33,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from data_pipelines import loader
+from worldsim import actions as actions_lib
 from worldsim.diffusion import flow, samplers
 from worldsim.models import dit, patches
 from worldsim.models import vae as vae_lib
@@ -51,17 +54,30 @@ def latent_frames_per_clip(config) -> int:
   return frames
 
 
+def _rows(a, rows: int):
+  """An array of 1 row, or of a divisor of `rows` rows, as `rows` rows: broadcast, or stacked
+  whole ([a; a] when guidance doubles a batch, matching x's [x; x]). None stays None."""
+  if a is None or a.shape[0] == rows:
+    return a
+  if a.shape[0] == 1:
+    return jnp.broadcast_to(a, (rows, *a.shape[1:]))
+  return jnp.concatenate([a] * (rows // a.shape[0]))
+
+
 def _velocity_fn(model, params, positions, segment_ids, level_of, text, guidance, guided,
-                 kv_cache=None):
-  """v(x, t) of the DiT over one row (two when guided: caption and null caption in one batch,
-  v = v_null + w (v_caption - v_null)); level_of(t) gives the per-token noise levels."""
+                 kv_cache=None, actions=None, actions_known=None):
+  """v(x, t) of the DiT over B rows (2B when guided: caption and null caption in one batch,
+  v = v_null + w (v_caption - v_null)); level_of(t) gives the per-token noise levels.
+  positions, segment_ids, actions and actions_known have 1 or B rows."""
   def forward(x, t, caption):
     rows, length = x.shape[0], x.shape[1]
     text_args = {} if caption is None else dict(text=caption[0], text_segment_ids=caption[1])
-    return model.apply({"params": params}, x, jnp.broadcast_to(positions, (rows, length, 3)),
-                       jnp.broadcast_to(segment_ids, (rows, length)),
+    action_args = {} if actions is None else dict(actions=_rows(actions, rows),
+                                                  actions_known=_rows(actions_known, rows))
+    return model.apply({"params": params}, x, _rows(positions, rows),
+                       _rows(segment_ids, rows),
                        jnp.broadcast_to(level_of(t), (rows, length)), kv_cache=kv_cache,
-                       **text_args)
+                       **text_args, **action_args)
 
   def velocity(x, t):
     if not guided:
@@ -74,53 +90,95 @@ def _velocity_fn(model, params, positions, segment_ids, level_of, text, guidance
 
 
 @functools.partial(jax.jit, static_argnames=("model", "frame_grid", "window", "chunk", "steps",
-                                             "sampler", "guided", "use_cache"))
+                                             "sampler", "guided", "use_cache", "heads"))
 def denoise_chunk(model, params, window_tokens, window_valid, rng, text, guidance, shift,
-                  context_noise, *, frame_grid, window, chunk, steps, sampler, guided,
-                  use_cache=None):
-  """One chunk of `chunk` token frames after a window of `window` token frames.
+                  context_noise, actions=None, actions_known=None, *, frame_grid, window, chunk,
+                  steps, sampler, guided, use_cache=None, heads=False):
+  """One chunk of `chunk` token frames after a window of `window` token frames, for B rows
+  at once; row i reads only its own inputs and key, so it is the row drawn alone.
 
-    window_tokens (1, window * F, P) the clean context (F = tokens per frame); window_valid
-                  (window,) bool: False for frames not made yet (padding)
-    text          (caption, null caption) of a captioned model, else None
+    window_tokens (B, window * F, P) the clean context (F = tokens per frame); window_valid
+                  (window,) or (B, window) bool: False for frames not made yet (padding)
+    rng           (B, 2) keys, one per row (or one key when B = 1)
+    text          (caption, null caption) of a captioned model (1 or B rows each), else None
+    actions       (B, (window + chunk) * F, action_dim) an action-conditioned model's per-token
+                  actions of window and chunk, with actions_known (B, (window + chunk) * F)
+                  (1: given, 0: unknown); None for a model without actions
     use_cache     None: a KV cache exactly when the model is block-causal (for which both
                   paths give the same chunk; tests compare them)
-  Returns the chunk's clean tokens (1, chunk * F, P).
+    heads         also read DiT.heads on the finished chunk (clean, after its window)
+  Returns the chunk's clean tokens (B, chunk * F, P), and with heads the per-token
+  (reward, terminal logit) (B, chunk * F, 2).
   """
+  b = window_tokens.shape[0]
   per_frame = frame_grid[0] * frame_grid[1]
   context_length = window * per_frame
+  keys = rng.reshape(-1, rng.shape[-1])
+  if keys.shape[0] != b:
+    raise ValueError(f"{keys.shape[0]} keys for {b} rows: give one key per row")
   positions = jnp.asarray(patches.positions((window + chunk, *frame_grid)))[None]
-  segment_ids = jnp.concatenate([jnp.repeat(window_valid, per_frame).astype(jnp.int32),
-                                 jnp.ones(chunk * per_frame, jnp.int32)])[None]
-  context_rng, chunk_rng = jax.random.split(rng)
-  context = flow.noise(window_tokens, jax.random.normal(context_rng, window_tokens.shape),
-                       context_noise)
-  x1 = jax.random.normal(chunk_rng, (1, chunk * per_frame, window_tokens.shape[-1]))
+  valid = jnp.broadcast_to(window_valid, (b, window))
+  segment_ids = jnp.concatenate([jnp.repeat(valid, per_frame, axis=1).astype(jnp.int32),
+                                 jnp.ones((b, chunk * per_frame), jnp.int32)], axis=1)
+  text = None if text is None else jax.tree.map(lambda a: _rows(a, b), text)
+
+  # Per row, so a row's draw ignores the batch around it; one draw for context and chunk
+  # (each threefry call site costs seconds of XLA compile time on a CPU).
+  eps = jax.vmap(lambda key: jax.random.normal(
+      key, ((window + chunk) * per_frame, window_tokens.shape[-1])))(keys)
+  context_eps, x1 = eps[:, :context_length], eps[:, context_length:]
+  context = flow.noise(window_tokens, context_eps, context_noise)
+  split = lambda a: (None, None) if a is None else (a[:, :context_length], a[:, context_length:])
+  window_actions, chunk_actions = split(actions)
+  window_known, chunk_known = split(actions_known)
   if model.cfg.causal if use_cache is None else use_cache:   # window once into a KV cache
     # Guided: one cache row per caption (later blocks' keys depend on the caption).
-    rows = 2 if guided else 1
+    rows = 2 * b if guided else b
     captions = None if text is None else (
-        jax.tree.map(lambda a, b: jnp.concatenate([a, b]), text[0], text[1]) if guided
+        jax.tree.map(lambda c, n: jnp.concatenate([c, n]), text[0], text[1]) if guided
         else text[0])
+    caption_args = {} if captions is None else dict(text=captions[0],
+                                                    text_segment_ids=captions[1])
+    action_args = lambda a, k: {} if a is None else dict(actions=_rows(a, rows),
+                                                         actions_known=_rows(k, rows))
     cache = dit.empty_cache(model.cfg, rows, (window + chunk) * per_frame)
-    cache = model.apply({"params": params}, jnp.repeat(context, rows, axis=0),
-                        jnp.repeat(positions[:, :context_length], rows, axis=0),
-                        jnp.repeat(segment_ids[:, :context_length], rows, axis=0), cache,
+    cache = model.apply({"params": params}, _rows(context, rows),
+                        _rows(positions[:, :context_length], rows),
+                        _rows(segment_ids[:, :context_length], rows), cache,
                         noise_level=jnp.full((rows, context_length), context_noise),
-                        method=dit.DiT.append_to_cache,
-                        **({} if captions is None else
-                           dict(text=captions[0], text_segment_ids=captions[1])))
+                        method=dit.DiT.append_to_cache, **caption_args,
+                        **action_args(window_actions, window_known))
     velocity = _velocity_fn(model, params, positions[:, context_length:],
                             segment_ids[:, context_length:], lambda t: t, text, guidance,
-                            guided, cache)
-    return samplers.sample(velocity, x1, steps, shift, sampler)[0]
+                            guided, cache, chunk_actions, chunk_known)
+    x0 = samplers.sample(velocity, x1, steps, shift, sampler)[0]
+    if not heads:
+      return x0
+    # The conditional rows of the cache's layout (caption first when guided).
+    out = model.apply({"params": params}, _rows(x0, rows),
+                      _rows(positions[:, context_length:], rows),
+                      _rows(segment_ids[:, context_length:], rows),
+                      jnp.zeros((rows, chunk * per_frame)), kv_cache=cache,
+                      method=dit.DiT.heads, **caption_args,
+                      **action_args(chunk_actions, chunk_known))
+    return x0, out[:b]
   is_context = jnp.arange(positions.shape[1]) < context_length
   velocity = _velocity_fn(model, params, positions, segment_ids,
                           lambda t: jnp.where(is_context, context_noise, t)[None], text,
-                          guidance, guided)
+                          guidance, guided, None, actions, actions_known)
   held = lambda x, t: jnp.where(is_context[None, :, None], 0.0, velocity(x, t))
   x0 = samplers.sample(held, jnp.concatenate([context, x1], axis=1), steps, shift, sampler)[0]
-  return x0[:, context_length:]
+  if not heads:
+    return x0[:, context_length:]
+  out = model.apply({"params": params}, x0, _rows(positions, b), segment_ids,
+                    jnp.broadcast_to(jnp.where(is_context, context_noise, 0.0)[None],
+                                     segment_ids.shape),
+                    method=dit.DiT.heads,
+                    **({} if text is None else dict(text=text[0][0],
+                                                    text_segment_ids=text[0][1])),
+                    **({} if actions is None else dict(actions=actions,
+                                                       actions_known=actions_known)))
+  return x0[:, context_length:], out[:, context_length:]
 
 
 class _Decoder:
@@ -145,7 +203,7 @@ def rollout_frames(sim, *, num_frames: Optional[int] = None, seconds: Optional[f
                    context: Optional[np.ndarray] = None, chunk: Optional[int] = None,
                    window: Optional[int] = None, steps: Optional[int] = None,
                    sampler: str = "euler", seed: int = 0, guidance: Optional[float] = None,
-                   context_noise: float = CONTEXT_NOISE,
+                   context_noise: float = CONTEXT_NOISE, actions: Optional[np.ndarray] = None,
                    progress: bool = True) -> Iterator[np.ndarray]:
   """Yields uint8 frames (n, H, W, 3) chunk by chunk, num_frames (or seconds * fps) in all.
 
@@ -153,8 +211,15 @@ def rollout_frames(sim, *, num_frames: Optional[int] = None, seconds: Optional[f
   models (latent frames in latent space; multiples of the patch's frames); by default they
   split the longest clip the model trained on in halves. `context`: uint8 frames to continue
   (they come first, exactly). Deterministic for a seed; chunk k draws from fold_in(seed, k).
+  `actions`: an action-conditioned model's per-pixel-frame actions from the video's frame 0
+  (the context's frames included): (n, action_size) floats (continuous) or (n,) ids
+  (discrete), n <= num_frames; frames past n, or all without them, are unknown to the model.
   """
   s, cfg = sim.config.sample, sim.model.cfg
+  mode, size = actions_lib.action_spec(sim.config)
+  if actions is not None and not cfg.action_dim:
+    raise ValueError("actions were given to a model without action conditioning "
+                     "(config.model.actions='none'): leave them out")
   fps = fps or s.fps
   if num_frames is None:
     if seconds is None or seconds <= 0:
@@ -197,8 +262,27 @@ def rollout_frames(sim, *, num_frames: Optional[int] = None, seconds: Optional[f
     keep = min(len(z) // pt, window_t)
     window_tokens[0, (window_t - keep) * per_frame:] = tokens[len(tokens) - keep * per_frame:]
     window_valid[window_t - keep:] = True
+    made = len(z)
+
+  num_chunks = math.ceil(max(total_model_frames - made, 0) / chunk)
+  if cfg.action_dim:      # every token frame's actions, from frame 0 (the context's included)
+    if actions is not None and len(actions) > num_frames:
+      raise ValueError(f"actions for {len(actions)} frames; the video has num_frames={num_frames}")
+    frame_actions, frame_known = actions_lib.token_frame_actions(
+        actions, mode, size, t_factor, pt, made // pt + num_chunks * chunk_t)
+
+  def token_actions(first: int, count: int) -> tuple:
+    """Token frames first .. first + count - 1 (before 0: padding, unknown) per token."""
+    index = np.arange(first, first + count)
+    inside = index >= 0
+    features = frame_actions[np.maximum(index, 0)] * inside[:, None]
+    known = frame_known[np.maximum(index, 0)] * inside
+    return (np.repeat(features, per_frame, axis=0)[None],
+            np.repeat(known, per_frame, axis=0)[None])
+
+  if context is not None:
     decode(z)                                               # warms the decoder's cache
-    made, emitted = len(z), len(context)
+    emitted = len(context)
     yield np.asarray(context)
 
   text = sim._captions(caption)
@@ -206,12 +290,14 @@ def rollout_frames(sim, *, num_frames: Optional[int] = None, seconds: Optional[f
   guided = text is not None and guidance != 1.0
   d = sim.config.diffusion
   shift = flow.shift_for_tokens((window_t + chunk_t) * per_frame, d.shift_base_tokens, d.max_shift)
-  num_chunks = math.ceil(max(total_model_frames - made, 0) / chunk)
   base = jax.random.PRNGKey(seed)
   for k in tqdm(range(num_chunks), desc="rollout", unit="chunk", disable=not progress):
+    made_t = made // pt
+    model_actions = (None, None) if not cfg.action_dim else tuple(
+        jnp.asarray(a) for a in token_actions(made_t - window_t, window_t + chunk_t))
     tokens = np.asarray(denoise_chunk(
         sim.model, sim.params, jnp.asarray(window_tokens), jnp.asarray(window_valid),
-        jax.random.fold_in(base, k), text, guidance, shift, context_noise,
+        jax.random.fold_in(base, k), text, guidance, shift, context_noise, *model_actions,
         frame_grid=frame_grid, window=window_t, chunk=chunk_t, steps=steps or s.steps,
         sampler=sampler, guided=guided))[0]
     window_tokens = np.concatenate([window_tokens[0], tokens])[-window_t * per_frame:][None]

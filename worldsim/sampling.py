@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from data_pipelines import loader
+from worldsim import actions as actions_lib
 from worldsim import config as config_lib
 from worldsim import export as export_lib
 from worldsim import video as video_lib
@@ -155,7 +156,8 @@ class WorldSim:
     self.config.mesh.tensor, self.config.mesh.context = 1, 1
     self.config.data.batch_size = jax.device_count()
     setup = trainer.build(self.config, mesh_lib.make_mesh(self.config.mesh))
-    self.model = setup.model
+    self.model = setup.model             # its action_dim is config_lib.action_dim(config)
+    self.action_mode, self.action_size = actions_lib.action_spec(self.config)
     self.patch_size = tuple(self.config.model.patch_size)
     self.channels = self.config.data.channels            # of the videos
     self.model_channels = config_lib.model_channels(self.config)
@@ -331,8 +333,11 @@ class WorldSim:
       for the DiT is held at noise level 0, and they come back unchanged as the first Tc
       frames. Tc follows the rule for T (and must give whole patches); H, W default to the
       context's.
-    actions: per-frame actions for an action-conditioned model; no model has action
-      conditioning yet, so anything but None raises NotImplementedError.
+    actions: an action-conditioned model's (config.model.actions) per-pixel-frame actions
+      from frame 0 (the context's frames included): (n, action_size) floats (continuous) or
+      (n,) integer ids (discrete), n <= num_frames, or (B, n, ...) one set per clip; frames
+      past n, and every frame without actions, are unknown to the model. A model without
+      action conditioning raises ValueError.
     draft: dict(height=, width= or size=, steps=, sampler=) for draft-then-refine (Sora):
       a clip is first drawn at the draft's size (default: half the final sides) and
       steps/sampler (default: the final's), upsampled in the model's space, noised again to
@@ -343,10 +348,9 @@ class WorldSim:
       shown once a call has run PROGRESS_DELAY_S seconds; False for none.
     """
     s = self.config.sample
-    if actions is not None:
-      raise NotImplementedError(
-          "actions: this model has no action conditioning (action-conditioned world models "
-          "and worldsim.Env come in a later release); sample without `actions`")
+    if actions is not None and not self.model.cfg.action_dim:
+      raise ValueError("actions: this model has no action conditioning "
+                       "(config.model.actions='none'); sample without `actions`")
     sampler = samplers.get(sampler or s.get("sampler", "euler")).name
     steps = _positive_int("steps", s.steps if steps is None else steps)
     guidance = float(s.get("guidance", 1.0) if guidance is None else guidance)
@@ -362,16 +366,17 @@ class WorldSim:
     if context is not None and context.shape[2:4] != shape[1:]:
       raise ValueError(f"context frames are {context.shape[2:4]}, the clip is {shape[1:]}")
     grid = self._grid(shape)
+    frame_actions = self._frame_actions(actions, len(captions), shape, grid)
     context_tokens = self._context_tokens(context, shape)
     text = self._caption_batch(captions)
     keys = _clip_keys(seed, len(captions))
     if draft is None:
       noise = _noise(keys, grid, self.token_dim)
       z = self._denoise(noise, grid, context_tokens, text, guidance, sampler, steps, 1.0,
-                        progress)
+                        progress, actions=frame_actions)
     else:
       z = self._draft_then_refine(draft, refine_t, shape, grid, context, context_tokens, text,
-                                  guidance, sampler, steps, keys, progress)
+                                  guidance, sampler, steps, keys, progress, frame_actions)
     videos = self._to_videos(z, grid, context)
     return videos if batched else videos[0]
 
@@ -419,7 +424,7 @@ class WorldSim:
     return videos if batched else videos[0]
 
   def _draft_then_refine(self, draft, refine_t, shape, grid, context, context_tokens, text,
-                         guidance, sampler, steps, keys, progress):
+                         guidance, sampler, steps, keys, progress, actions=None):
     _check_draft(draft)
     draft_steps = _positive_int("draft['steps']", draft.get("steps", steps))
     draft_sampler = samplers.get(draft.get("sampler") or sampler).name
@@ -438,13 +443,13 @@ class WorldSim:
     draft_context = self._context_tokens(context, draft_shape)
     noise = _noise(keys, draft_grid, self.token_dim)
     z = self._denoise(noise, draft_grid, draft_context, text, guidance, draft_sampler,
-                      draft_steps, 1.0, progress, desc="draft")
+                      draft_steps, 1.0, progress, desc="draft", actions=actions)
     resized = self._resize_tokens(z, draft_grid, grid)
     return self._refine_tokens(resized, refine_t, grid, context_tokens, text, guidance, sampler,
-                               steps, keys, progress)
+                               steps, keys, progress, actions)
 
   def _refine_tokens(self, tokens, t, grid, context_tokens, text, guidance, sampler, steps,
-                     keys, progress):
+                     keys, progress, actions=None):
     """Noises (B, L, P) clean tokens to level t and integrates them back to 0."""
     _check_refine_t(t)
     shift = float(self._shift(grid))
@@ -453,21 +458,24 @@ class WorldSim:
     eps = _noise([jax.random.fold_in(k, 1) for k in keys], grid, self.token_dim)
     start = (1.0 - t) * jnp.asarray(tokens) + t * eps
     return self._denoise(start, grid, context_tokens, text, guidance, sampler, refine_steps,
-                         float(t), progress, desc="refine")
+                         float(t), progress, desc="refine", actions=actions)
 
   def _shift(self, grid):
     d = self.config.diffusion
     return flow.shift_for_tokens(int(np.prod(grid)), d.shift_base_tokens, d.max_shift)
 
   def _denoise(self, start, grid, context_tokens, text, guidance, sampler, steps, t_start,
-               progress, desc="sample"):
+               progress, desc="sample", actions=None):
     """Integrates (B, L, P) `start` (pure noise when t_start = 1) to clean tokens at t = 0,
     one jitted sampler step at a time. Context tokens (the first num_context of each row,
-    frame-major) are set clean and held: noise level 0, velocity 0."""
+    frame-major) are set clean and held: noise level 0, velocity 0. actions: per token frame
+    (features (B, gt, action_dim), known (B, gt)); None: unknown to an action model."""
     from tqdm.auto import tqdm
     num_context = context_tokens.shape[1]
     start = jnp.asarray(start).at[:, :num_context].set(context_tokens)
-    inputs = _step_inputs(len(start), grid, num_context, text, guidance)
+    if actions is None and self.model.cfg.action_dim:
+      actions = self._frame_actions(None, len(start), None, grid)
+    inputs = _step_inputs(len(start), grid, num_context, text, guidance, actions)
     ts = np.asarray(samplers.time_grid(steps, self._shift(grid), t_start), np.float32)
     step_fn = self._step_fn(sampler, guided=text is not None and guidance != 1.0)
     carry = samplers.get(sampler).init(start)
@@ -495,6 +503,27 @@ class WorldSim:
     return videos
 
   # ----------------------------------------------------------------- conditioning inputs
+
+  def _frame_actions(self, actions, batch: int, shape, grid):
+    """Per-pixel-frame actions of B clips ((n, ...) shared, or (B, n, ...)) -> per token
+    frame (features (B, gt, action_dim), known (B, gt)); None for a model without actions."""
+    if not self.model.cfg.action_dim:
+      return None
+    mode, size = self.action_mode, self.action_size
+    if actions is not None:
+      actions = np.asarray(actions)
+      per_clip = 2 if mode == "continuous" else 1          # a clip's (n, size) or (n,)
+      if actions.ndim == per_clip:
+        actions = np.broadcast_to(actions[None], (batch, *actions.shape))
+      if actions.ndim != per_clip + 1 or len(actions) != batch:
+        raise ValueError(f"actions: {'(n, action_size)' if per_clip == 2 else '(n,)'} per clip"
+                         f" or one set per clip ({batch}, ...); got shape {actions.shape}")
+      if shape is not None and actions.shape[1] > shape[0]:
+        raise ValueError(f"actions for {actions.shape[1]} frames; the clip has {shape[0]}")
+    rows = [actions_lib.token_frame_actions(None if actions is None else actions[i], mode, size,
+                                        self.factors[0], self.patch_size[0], grid[0])
+            for i in range(batch)]
+    return tuple(jnp.asarray(np.stack(part)) for part in zip(*rows))
 
   def _check_context(self, context, batch: int):
     """None, or uint8 context as (B, Tc, H, W, 3)."""
@@ -598,14 +627,20 @@ def _noise(keys, grid, token_dim: int):
   return jnp.stack([jax.random.normal(k, shape) for k in keys])
 
 
-def _step_inputs(batch: int, grid, num_context: int, text, guidance: float) -> dict:
-  """What every step of one clip batch reads besides the carry (see _sampler_step)."""
-  seq_len = int(np.prod(grid))
-  return dict(positions=jnp.broadcast_to(jnp.asarray(patches.positions(grid)),
-                                         (batch, seq_len, 3)),
-              segment_ids=jnp.ones((batch, seq_len), jnp.int32),
-              is_context=(jnp.arange(seq_len) < num_context)[None, :, None],
-              text=text, guidance=jnp.float32(guidance))
+def _step_inputs(batch: int, grid, num_context: int, text, guidance: float,
+                 actions=None) -> dict:
+  """What every step of one clip batch reads besides the carry (see _sampler_step);
+  actions per token frame (features (B, gt, A), known (B, gt)) become per token."""
+  seq_len, per_frame = int(np.prod(grid)), int(grid[1] * grid[2])
+  inputs = dict(positions=jnp.broadcast_to(jnp.asarray(patches.positions(grid)),
+                                           (batch, seq_len, 3)),
+                segment_ids=jnp.ones((batch, seq_len), jnp.int32),
+                is_context=(jnp.arange(seq_len) < num_context)[None, :, None],
+                text=text, guidance=jnp.float32(guidance))
+  if actions is not None:          # token frames are contiguous (frame-major tokens)
+    inputs.update(actions=jnp.repeat(actions[0], per_frame, axis=1),
+                  actions_known=jnp.repeat(actions[1], per_frame, axis=1))
+  return inputs
 
 
 def _sampler_step(model, sampler: samplers.Sampler, guided: bool, params, carry, times, inputs):
@@ -617,10 +652,13 @@ def _sampler_step(model, sampler: samplers.Sampler, guided: bool, params, carry,
     rows, seq_len = x.shape[:2]
     level = jnp.broadcast_to(jnp.where(is_context[..., 0], 0.0, t), (rows, seq_len))
     text_args = {} if caption is None else dict(text=caption[0], text_segment_ids=caption[1])
-    positions, segment_ids = inputs["positions"], inputs["segment_ids"]
-    if rows != positions.shape[0]:
-      positions, segment_ids = (jnp.concatenate([a, a]) for a in (positions, segment_ids))
-    return model.apply({"params": params}, x, positions, segment_ids, level, **text_args)
+    per_row = {k: inputs[k] for k in ("positions", "segment_ids", "actions", "actions_known")
+               if k in inputs}
+    if rows != per_row["positions"].shape[0]:          # guided: [x; x]
+      per_row = {k: jnp.concatenate([a, a]) for k, a in per_row.items()}
+    positions, segment_ids = per_row.pop("positions"), per_row.pop("segment_ids")
+    return model.apply({"params": params}, x, positions, segment_ids, level, **text_args,
+                       **per_row)
 
   def velocity(x, t):
     if not guided:

@@ -10,6 +10,10 @@ With captions (DiTConfig.text = 'bytes' or 'embeddings', see models/text.py) it 
   text              (B, Lt) int32 byte tokens, or (B, Lt, E) float embeddings of any width E
   text_segment_ids  (B, Lt)  the clip each caption token belongs to (0 = padding)
 and every block cross-attends from each video token to its own clip's caption.
+With actions (DiTConfig.action_dim > 0, see models/conditioning.py) it also takes per-token
+  actions (B, L, action_dim) and actions_known (B, L), added to the timestep condition.
+With reward heads (DiTConfig.reward_heads) `DiT.heads` gives each token's [reward, terminal
+logit] (B, L, 2), read off the last block by a small MLP (`RewardHeads`).
 
 Positions and sizes never seen in training. A token's position is its integer (t, h, w)
 patch index in its own clip, from (0, 0, 0) at the clip's first latent frame and top-left
@@ -96,6 +100,8 @@ class DiTConfig:
   # Per-token action width (conditioning.token_actions: pt frames x the source's actions per
   # model frame); 0 = no action conditioning.
   action_dim: int = 0
+  # A per-token head for [reward, terminal logit] read off the last block (`DiT.heads`).
+  reward_heads: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -114,7 +120,7 @@ class DiTConfig:
 
 def config_from(model_cfg, token_dim: int, action_dim: int = 0) -> DiTConfig:
   """A DiTConfig from the `model` block of an experiment config (variant plus overrides);
-  action_dim from the data when model.actions is on (trainer.action_dim)."""
+  action_dim from the data when model.actions is on (config.action_dim)."""
   width, depth, heads = VARIANTS[model_cfg.variant]
   return DiTConfig(
       token_dim=token_dim,
@@ -130,7 +136,8 @@ def config_from(model_cfg, token_dim: int, action_dim: int = 0) -> DiTConfig:
       text_depth=model_cfg.get("text_depth", 2),
       context_parallel=model_cfg.get("context_parallel", "none"),
       remat=model_cfg.get("remat", "none"),
-      action_dim=action_dim)
+      action_dim=action_dim,
+      reward_heads=model_cfg.get("reward_heads", False))
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -320,6 +327,32 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), (k, v)
 
 
+# What DiT.heads predicts for each token, in this order (Atari world models, as in DIAMOND).
+HEAD_OUTPUTS = ("reward", "terminal_logit")
+
+
+class RewardHeads(nn.Module):
+  """The last block's hidden state (B, L, D) -> (B, L, 2): [reward, terminal logit] per token.
+
+  It reads the state before the output adaLN, which shapes it for the velocity at the token's
+  noise level, through an MLP of its own. The output layer starts at zero: a fresh head says
+  reward 0 and terminal probability 1/2, and the trunk only feels it once it has learned.
+  """
+  cfg: DiTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    h = nn.Dense(cfg.width, dtype=dtype, name="hidden",
+                 kernel_init=layers.param(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                 bias_init=layers.param(nn.initializers.zeros, ("mlp",)))(_layer_norm(x))
+    h = nn.with_logical_constraint(nn.gelu(h), ("batch", "length", "mlp"))
+    out = nn.Dense(len(HEAD_OUTPUTS), dtype=dtype, name="out",
+                   kernel_init=layers.param(nn.initializers.zeros, ("mlp", None)),
+                   bias_init=layers.param(nn.initializers.zeros, (None,)))(h)
+    return out.astype(jnp.float32)
+
+
 # Rematerialisation of each block in the backward pass:
 #   none     keep every activation (fastest, most memory)
 #   full     keep only each block's input; recompute the block (least memory, ~1.3x time)
@@ -363,6 +396,25 @@ class DiT(nn.Module):
     """
     return self._forward(tokens, positions, segment_ids, noise_level, kv_cache, text,
                          text_segment_ids, actions, actions_known)[0]
+
+  def heads(self, tokens, positions, segment_ids, noise_level, kv_cache: Optional[KVCache] = None,
+            text=None, text_segment_ids=None, actions=None, actions_known=None):
+    """(B, L, 2) float32 per token: [reward, terminal logit] (HEAD_OUTPUTS) of the model frame
+    the token lies in, for a model with cfg.reward_heads; the arguments are __call__'s. Each
+    token of a frame predicts on its own: a caller averages the tokens of a frame."""
+    return self.velocity_and_heads(tokens, positions, segment_ids, noise_level, kv_cache, text,
+                                   text_segment_ids, actions, actions_known)[1]
+
+  def velocity_and_heads(self, tokens, positions, segment_ids, noise_level,
+                         kv_cache: Optional[KVCache] = None, text=None, text_segment_ids=None,
+                         actions=None, actions_known=None):
+    """(__call__'s velocity, `heads`) from one forward pass: what training reads."""
+    if not self.cfg.reward_heads:
+      raise ValueError("this model has no reward heads: set config.model.reward_heads=True "
+                       "(a source with rewards, e.g. atari) and train it")
+    velocity, _, heads = self._forward(tokens, positions, segment_ids, noise_level, kv_cache,
+                                       text, text_segment_ids, actions, actions_known)
+    return velocity, heads
 
   def append_to_cache(self, tokens, positions, segment_ids, kv_cache: KVCache, text=None,
                       text_segment_ids=None, noise_level=None, actions=None,
@@ -409,7 +461,8 @@ class DiT(nn.Module):
   @nn.compact
   def _forward(self, tokens, positions, segment_ids, noise_level, kv_cache, text=None,
                text_segment_ids=None, actions=None, actions_known=None):
-    """-> (velocity, kv_cache with the tokens appended, or None without a cache)."""
+    """-> (velocity, kv_cache with the tokens appended or None without a cache, the reward
+    heads' (B, L, 2) or None without them)."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     if kv_cache is not None:
       if not cfg.causal:
@@ -438,7 +491,7 @@ class DiT(nn.Module):
       c = c + conditioning.ActionEmbedder(d, name="actions")(actions, actions_known)
     elif actions is not None:
       raise ValueError("actions were given to a model without action conditioning: set "
-                       "config.model.actions=True, or leave them out")
+                       "config.model.actions='continuous' or 'discrete', or leave them out")
     c = nn.with_logical_constraint(c, ("batch", "length", "embed"))
     # In the compute dtype: per token it costs 6 D^2, half a block, and the blocks cast its
     # output to that dtype anyway. The time MLP above stays float32 (2 D^2 once per token):
@@ -467,6 +520,7 @@ class DiT(nn.Module):
     if kv_cache is not None:
       kv_cache = kv_cache.replace(keys=tuple(keys), values=tuple(values))
 
+    heads = RewardHeads(cfg, name="reward_heads")(x) if cfg.reward_heads else None
     final_table = self.param("final_table", layers.param(nn.initializers.zeros, (None, "embed")), (2, d))
     final = (c[:, :, None].astype(jnp.float32) + final_table).astype(dtype)  # (B, L, 2, D)
     shift, scale = final[:, :, 0], final[:, :, 1]
@@ -474,7 +528,7 @@ class DiT(nn.Module):
     out = nn.Dense(cfg.token_dim, name="head", dtype=dtype,
                    kernel_init=layers.param(nn.initializers.zeros, ("embed", "patch")),
                    bias_init=layers.param(nn.initializers.zeros, ("patch",)))(x)
-    return out.astype(jnp.float32), kv_cache
+    return out.astype(jnp.float32), kv_cache, heads
 
 
 def rollout(model: DiT, variables, context, positions, segment_ids, noise, *, steps: int,

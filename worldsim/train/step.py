@@ -1,6 +1,6 @@
 """Pure update functions: the train states, the DiT rectified-flow step and the VAE step."""
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -10,8 +10,15 @@ import optax
 from jax import lax
 
 from worldsim.diffusion import flow
+from worldsim.models import conditioning
+from worldsim.models import dit as dit_lib
 from worldsim.models import text as text_lib
 from worldsim.models import vae as vae_lib
+
+# Constants folded into a step's rng for the draws added after the noise levels and noise, so
+# those stay what a run without the addition draws from the same seed.
+_CAPTION_DROPOUT_RNG = 1
+_ACTION_DROPOUT_RNG = 2
 
 
 @flax.struct.dataclass
@@ -29,10 +36,41 @@ def captions(batch: dict) -> dict:
   return {k: batch[k] for k in ("text", "text_segment_ids") if k in batch}
 
 
+class ActionSpec(NamedTuple):
+  """How the loader's per-clip, per-model-frame arrays (actions, rewards, terminals: (B, M, F,
+  n)) become per-token ones: the action mode and size (models/conditioning.py) and the model
+  frames one patch spans (its pt)."""
+  mode: str = "none"
+  size: int = 0
+  frames_per_patch: int = 1
+
+
+def action_spec(model_cfg) -> ActionSpec:
+  """The ActionSpec of an experiment config's `model` block (read with defaults, so configs
+  from before actions existed stay valid)."""
+  return ActionSpec(model_cfg.get("actions", "none"), model_cfg.get("action_size", 0),
+                    int(model_cfg.patch_size[0]))
+
+
+def model_inputs(model: nn.Module, batch: dict) -> dict:
+  """The DiT's keyword inputs in a (noised) batch: the captions, and for an action-conditioned
+  model the per-token actions and their known flags (`draw_noise`)."""
+  inputs = captions(batch)
+  if model.cfg.action_dim:
+    inputs.update(actions=batch["token_actions"], actions_known=batch["actions_known"])
+  return inputs
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation, batch: dict, rng) -> TrainState:
+  """`batch` is a packed batch's shapes (trainer.example_batch); an action-conditioned model
+  reads zero actions of its width."""
   init_rng, state_rng = jax.random.split(rng)
-  variables = model.init(init_rng, batch["tokens"], batch["positions"], batch["segment_ids"],
-                         jnp.zeros(batch["segment_ids"].shape, jnp.float32), **captions(batch))
+  segment_ids = batch["segment_ids"]
+  if model.cfg.action_dim:
+    batch = dict(batch, token_actions=jnp.zeros((*segment_ids.shape, model.cfg.action_dim)),
+                 actions_known=jnp.ones(segment_ids.shape, jnp.float32))
+  variables = model.init(init_rng, batch["tokens"], batch["positions"], segment_ids,
+                         jnp.zeros(segment_ids.shape, jnp.float32), **model_inputs(model, batch))
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params, rng=state_rng)
@@ -100,13 +138,34 @@ def drop_captions(rng, text, text_segment_ids, rate: float):
   return text, jnp.where(masked, 0, text_segment_ids)
 
 
-def draw_noise(batch: dict, rng, diffusion_cfg) -> dict:
+def token_action_inputs(batch: dict, rng, spec: ActionSpec, rate: float) -> dict:
+  """Per-token action inputs from the batch's per-clip `actions` (B, M, F, A raw):
+    token_actions  (B, L, pt x features): conditioning.action_features (discrete ids one-hot)
+                   of the frames each token spans (conditioning.token_actions)
+    actions_known  (B, L): 0 on a share `rate` of the clips (action dropout, so guidance has
+                   a model that does not know the actions), else 1
+  """
+  if "actions" not in batch:
+    raise KeyError(f"config.model.actions={spec.mode!r} but the batch has no 'actions': the "
+                   f"source gives none (see config.validate)")
+  segment_ids = batch["segment_ids"]
+  features = conditioning.action_features(batch["actions"], spec.mode, spec.size)
+  return {"token_actions": conditioning.token_actions(features, segment_ids, batch["positions"],
+                                                      spec.frames_per_patch),
+          "actions_known": conditioning.drop_actions(rng, segment_ids, batch["actions"].shape[1],
+                                                     rate)}
+
+
+def draw_noise(batch: dict, rng, diffusion_cfg, actions: ActionSpec = ActionSpec()) -> dict:
   """The batch with its training noise drawn: per-token noise levels `t` (B, L), Gaussian
-  `eps` like the tokens, and the captions after dropout. Drawn for the whole batch at once,
-  so accumulating gradients over parts of it trains on exactly the same noise.
+  `eps` like the tokens, the captions after dropout and the per-token actions with their
+  dropout. Drawn for the whole batch at once, so accumulating gradients over parts of it
+  trains on exactly the same noise (every array added is (B, ...)).
 
   With captions in the batch (`captions`), a share diffusion_cfg.caption_dropout (default 0)
-  of the clips trains with the null caption instead (`drop_captions`).
+  of the clips trains with the null caption instead (`drop_captions`). With actions on
+  (actions.mode), a share diffusion_cfg.action_dropout (default 0) trains with the actions
+  unknown (`token_action_inputs`).
   """
   x0, segment_ids = batch["tokens"], batch["segment_ids"]
   t_rng, eps_rng = jax.random.split(rng)
@@ -118,26 +177,86 @@ def draw_noise(batch: dict, rng, diffusion_cfg) -> dict:
     # Folded in rather than split off: the noise levels and noise stay those of an
     # uncaptioned run with the same seed.
     noised["text"], noised["text_segment_ids"] = drop_captions(
-        jax.random.fold_in(rng, 1), batch["text"], batch["text_segment_ids"], rate)
+        jax.random.fold_in(rng, _CAPTION_DROPOUT_RNG), batch["text"], batch["text_segment_ids"],
+        rate)
+  if actions.mode != "none":
+    noised.update(token_action_inputs(batch, jax.random.fold_in(rng, _ACTION_DROPOUT_RNG),
+                                      actions, diffusion_cfg.get("action_dropout", 0.0)))
   return noised
+
+
+def head_targets(batch: dict, frames_per_patch: int) -> dict:
+  """Each token's reward and terminal targets (B, L) from the batch's per-clip `rewards` and
+  `terminals` (B, M, F, k: k pixel frames per model frame): of the k x pt pixel frames its
+  patch spans, the summed reward and whether any ends the episode. A token's target thus
+  sits at the frames of the actions it is conditioned on (conditioning.token_actions)."""
+  missing = [k for k in ("rewards", "terminals") if k not in batch]
+  if missing:
+    raise KeyError(f"config.model.reward_heads is on but the batch has no {missing}: the "
+                   f"source gives no rewards (see config.validate)")
+  gather = lambda x: conditioning.token_actions(x.astype(jnp.float32), batch["segment_ids"],
+                                                batch["positions"], frames_per_patch)
+  return {"token_rewards": jnp.sum(gather(batch["rewards"]), axis=-1),
+          "token_terminals": jnp.max(gather(batch["terminals"]), axis=-1)}
+
+
+def summed_losses(params, model, noised: dict) -> dict:
+  """Sums over real (non-padding) tokens of
+    flow      the squared velocity error (mean over channels)
+  and, for a model with reward heads given targets (`head_targets`), of the heads' errors
+  weighted by 1 - t (a token at t near 1 is nearly pure noise and cannot know its frame):
+    reward    squared error of the predicted reward
+    terminal  binary cross-entropy of the terminal logit
+  """
+  x0, eps, t, segment_ids = noised["tokens"], noised["eps"], noised["t"], noised["segment_ids"]
+  real = segment_ids > 0
+  args = ({"params": params}, flow.noise(x0, eps, t), noised["positions"], segment_ids, t)
+  heads = model.cfg.reward_heads and "token_rewards" in noised
+  if heads:
+    v_pred, predicted = model.apply(*args, **model_inputs(model, noised),
+                                    method=dit_lib.DiT.velocity_and_heads)
+  else:
+    v_pred = model.apply(*args, **model_inputs(model, noised))
+  err = jnp.mean(jnp.square(v_pred - flow.velocity_target(x0, eps)), axis=-1)
+  sums = {"flow": jnp.sum(err * real)}
+  if heads:
+    weight = (1.0 - t) * real
+    reward_err = jnp.square(predicted[..., 0] - noised["token_rewards"])
+    terminal_err = optax.sigmoid_binary_cross_entropy(predicted[..., 1],
+                                                      noised["token_terminals"])
+    sums.update(reward=jnp.sum(weight * reward_err), terminal=jnp.sum(weight * terminal_err))
+  return sums
 
 
 def summed_loss(params, model, noised: dict):
   """Sum over real (non-padding) tokens of the squared velocity error (mean over channels)."""
-  x0, eps, t, segment_ids = noised["tokens"], noised["eps"], noised["t"], noised["segment_ids"]
-  v_pred = model.apply({"params": params}, flow.noise(x0, eps, t), noised["positions"],
-                       segment_ids, t, **captions(noised))
-  err = jnp.mean(jnp.square(v_pred - flow.velocity_target(x0, eps)), axis=-1)
-  return jnp.sum(err * (segment_ids > 0))
+  return summed_losses(params, model, noised)["flow"]
+
+
+def objective(sums: dict, heads_weight: float):
+  """What the step minimises: flow + heads_weight x (reward + terminal), from summed_losses."""
+  return sums["flow"] + heads_weight * (sums.get("reward", 0.0) + sums.get("terminal", 0.0))
 
 
 def real_tokens(batch: dict):
   return jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
 
 
-def dit_loss(params, model, batch, rng, diffusion_cfg):
-  """Rectified-flow loss: mean squared velocity error over the real (non-padding) tokens."""
-  return summed_loss(params, model, draw_noise(batch, rng, diffusion_cfg)) / real_tokens(batch)
+def training_batch(batch: dict, rng, model, diffusion_cfg, actions: ActionSpec) -> dict:
+  """The batch with everything the loss reads: the noise and action inputs (`draw_noise`)
+  and, for a model with reward heads, the per-token targets (`head_targets`)."""
+  noised = draw_noise(batch, rng, diffusion_cfg, actions)
+  if model.cfg.reward_heads:
+    noised.update(head_targets(batch, actions.frames_per_patch))
+  return noised
+
+
+def dit_loss(params, model, batch, rng, diffusion_cfg, actions: ActionSpec = ActionSpec(),
+             heads_weight: float = 1.0):
+  """Rectified-flow loss: mean squared velocity error over the real (non-padding) tokens
+  (plus the reward heads' weighted losses, `objective`)."""
+  sums = summed_losses(params, model, training_batch(batch, rng, model, diffusion_cfg, actions))
+  return objective(sums, heads_weight) / real_tokens(batch)
 
 
 def _micro_batches(noised: dict, k: int) -> dict:
@@ -147,23 +266,32 @@ def _micro_batches(noised: dict, k: int) -> dict:
                       noised)
 
 
-def loss_and_grads(params, model, batch, rng, diffusion_cfg, accum_steps: int = 1):
-  """dit_loss and its gradient; with accum_steps > 1 the batch's rows are run in that many
-  parts one after another (activations of one part at a time), the gradients summed. Same
-  noise, same normalisation (by the whole batch's real tokens): the same loss and
-  gradients as one pass, up to float rounding."""
-  noised, total = draw_noise(batch, rng, diffusion_cfg), real_tokens(batch)
-  part_loss = lambda p, part: summed_loss(p, model, part) / total
+def loss_and_grads(params, model, batch, rng, diffusion_cfg, accum_steps: int = 1,
+                   actions: ActionSpec = ActionSpec(), heads_weight: float = 1.0):
+  """((dit_loss, its parts), gradient); with accum_steps > 1 the batch's rows are run in that
+  many parts one after another (activations of one part at a time), the gradients summed.
+  Same noise, same normalisation (by the whole batch's real tokens): the same loss and
+  gradients as one pass, up to float rounding. The parts are summed_losses' means over the
+  real tokens (flow alone without reward heads)."""
+  noised = training_batch(batch, rng, model, diffusion_cfg, actions)
+  total = real_tokens(batch)
+
+  def part_loss(p, part):
+    sums = jax.tree.map(lambda x: x / total, summed_losses(p, model, part))
+    return objective(sums, heads_weight), sums
+
   if accum_steps == 1:
-    return jax.value_and_grad(part_loss)(params, noised)
+    return jax.value_and_grad(part_loss, has_aux=True)(params, noised)
 
   def accumulate(carry, part):
-    loss, grads = jax.value_and_grad(part_loss)(params, part)
-    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    out = jax.value_and_grad(part_loss, has_aux=True)(params, part)
+    return jax.tree.map(jnp.add, carry, out), None
 
-  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  (loss, grads), _ = jax.lax.scan(accumulate, zeros, _micro_batches(noised, accum_steps))
-  return loss, grads
+  zero = jnp.zeros((), jnp.float32)
+  parts = ("flow", "reward", "terminal") if "token_rewards" in noised else ("flow",)
+  zeros = ((zero, {k: zero for k in parts}), jax.tree.map(jnp.zeros_like, params))
+  out, _ = jax.lax.scan(accumulate, zeros, _micro_batches(noised, accum_steps))
+  return out
 
 
 def ema_update(ema, params, decay, step):
@@ -191,12 +319,15 @@ def skip_if_nonfinite(new_state, state, *losses_and_norms):
 
 
 def dit_train_step(state: TrainState, batch: dict, *, model, tx, schedule, diffusion_cfg,
-                   ema_decay: float, accum_steps: int = 1):
+                   ema_decay: float, accum_steps: int = 1, actions: ActionSpec = ActionSpec(),
+                   heads_weight: float = 1.0):
   """One optimiser update (gradients accumulated over accum_steps parts of the batch), or
   none when the loss or a gradient is not finite (`skip_if_nonfinite`). Pure: jit it with
-  the state donated."""
+  the state donated. `loss` is what is minimised; a model with reward heads also reports
+  flow_loss, reward_loss and terminal_loss (unweighted means over real tokens)."""
   rng = jax.random.fold_in(state.rng, state.step)
-  loss, grads = loss_and_grads(state.params, model, batch, rng, diffusion_cfg, accum_steps)
+  (loss, parts), grads = loss_and_grads(state.params, model, batch, rng, diffusion_cfg,
+                                        accum_steps, actions, heads_weight)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
@@ -206,6 +337,8 @@ def dit_train_step(state: TrainState, batch: dict, *, model, tx, schedule, diffu
   new_state, skipped = skip_if_nonfinite(new_state, state, loss, grad_norm)
   metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
              "update_skipped": skipped}
+  if len(parts) > 1:
+    metrics.update({f"{name}_loss": value for name, value in parts.items()})
   return new_state, metrics
 
 

@@ -62,6 +62,9 @@ BATCH_AXES = {"tokens": ("batch", "length", "patch"), "positions": ("batch", "le
 TEXT_AXES = {"bytes": {"text": ("batch", None), "text_segment_ids": ("batch", None)},
              "embeddings": {"text": ("batch", None, None), "text_segment_ids": ("batch", None)},
              "none": {}}
+# Per clip, per model frame (B, M, F, n): actions (model.actions != 'none'), rewards and
+# terminals (model.reward_heads); small, whole on every device of a batch shard.
+FRAME_AXES = ("batch", None, None, None)
 VAE_BATCH_AXES = {"video": vae_lib.PIXEL_AXES}
 LATENT_STATS = "latent_stats.json"
 # Config fields that set the shapes of a stage's state: named when a workdir's checkpoint
@@ -71,7 +74,8 @@ VAE_SHAPE_FIELDS = tuple(f"vae.{k}" for k in (
     "temporal_factor", "spatial_factor", "disc_start", "disc_channels", "disc_layers"))
 DIT_SHAPE_FIELDS = tuple(f"model.{k}" for k in (
     "variant", "width", "depth", "num_heads", "mlp_ratio", "patch_size", "text", "text_depth",
-    "text_embed_dim")) + ("data.space", "data.channels", "data.caption_len")
+    "text_embed_dim", "actions", "action_size", "reward_heads")) + (
+    "data.space", "data.channels", "data.caption_len")
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM    # what a shell reports for a SIGTERM'd process
 
 
@@ -170,9 +174,26 @@ def open_clip_data(config, workdir):
 
 # ----------------------------------------------------------------------------- DiT
 
+def frame_widths(config) -> dict:
+  """The loader's per-clip, per-model-frame arrays the DiT reads, by name: their widths n in
+  (B, M, F, n). A model frame holds k pixel frames (the VAE's temporal factor, else 1), each
+  with model.action_size floats (continuous) or one id (discrete) of actions, and with a
+  reward and a terminal flag."""
+  m = config.model
+  k = config_lib.pixel_frames_per_model_frame(config)
+  widths = {}
+  mode = m.get("actions", "none")
+  if mode != "none":
+    widths["actions"] = k * (m.action_size if mode == "continuous" else 1)
+  if m.get("reward_heads", False):
+    widths.update(rewards=k, terminals=k)
+  return widths
+
+
 def example_batch(config) -> dict:
   """Zeros shaped like one global packed batch (for shapes only); the null captions of
-  max_clips_per_row clips when the model reads captions."""
+  max_clips_per_row clips when the model reads captions; the per-frame actions, rewards and
+  terminals when it reads them (`frame_widths`)."""
   d, m = config.data, config.model
   token_dim = patches.token_dim(tuple(m.patch_size), config_lib.model_channels(config))
   batch = {"tokens": jnp.zeros((d.batch_size, d.token_budget, token_dim), jnp.float32),
@@ -184,6 +205,12 @@ def example_batch(config) -> dict:
         d.batch_size, d.max_clips_per_row, d.caption_len,
         m.text_embed_dim if mode == "embeddings" else None)
     batch.update(text=jnp.asarray(text), text_segment_ids=jnp.asarray(text_segment_ids))
+  widths = frame_widths(config)
+  if widths:
+    # The loader pads every clip's frames to its longest crop, in model frames.
+    frames = loader.clip_spec(d, m.patch_size, config_lib.latent_geometry(config)).max_frames
+    batch.update({k: jnp.zeros((d.batch_size, d.max_clips_per_row, frames, n), jnp.float32)
+                  for k, n in widths.items()})
   return batch
 
 
@@ -195,17 +222,21 @@ def build(config, mesh) -> Setup:
     mesh = context_lib.factor_context_axis(mesh, config.model.ulysses_degree)
     rules = context_lib.factor_context_rules(rules)
   batch = example_batch(config)
-  dit_cfg = dit.config_from(config.model, batch["tokens"].shape[-1])
+  dit_cfg = dit.config_from(config.model, batch["tokens"].shape[-1],
+                            config_lib.action_dim(config))
   model = dit.DiT(dit_cfg)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
   init_fn = functools.partial(step_lib.init_state, model, tx, batch)
   abstract_state, state_shardings = mesh_lib.abstract_sharded(
       init_fn, mesh, rules, jax.random.PRNGKey(0))
-  axes = {**BATCH_AXES, **TEXT_AXES[dit_cfg.text]}
+  axes = {**BATCH_AXES, **TEXT_AXES[dit_cfg.text],
+          **{k: FRAME_AXES for k in frame_widths(config)}}
   batch_shardings = {k: mesh_lib.logical_sharding(mesh, rules, v) for k, v in axes.items()}
   update = functools.partial(step_lib.dit_train_step, model=model, tx=tx, schedule=schedule,
                              diffusion_cfg=config.diffusion, ema_decay=config.optim.ema_decay,
-                             accum_steps=config.train.get("accum_steps", 1))
+                             accum_steps=config.train.get("accum_steps", 1),
+                             actions=step_lib.action_spec(config.model),
+                             heads_weight=config.train.get("heads_weight", 1.0))
   train_step = jax.jit(update, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, None), donate_argnums=0)
   init = mesh_lib.sharded_init(init_fn, state_shardings)
