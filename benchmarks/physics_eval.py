@@ -24,7 +24,7 @@ from PIL import Image
 from worldsim import eval as eval_lib, sampling
 # names, not the module: worldsim.eval.headline is the function once the package loads
 from worldsim.eval.headline import HELD_OUT_SEED, JITTER_PX, clip_reports, context_frames, \
-    eval_options, mean_summary
+    controllability_of, eval_options, is_action_model, mean_summary
 from worldsim.eval.report import SUMMARY_KEYS
 
 # lower is better for these (report.py's SUMMARY_KEYS comment); higher for the rest
@@ -65,6 +65,8 @@ def evaluate(workdir, num_clips, seed, steps):
             'steps': steps or int(sim.config.sample.steps),
             'headline': mean_summary(summaries), 'ceiling': ceiling_mean,
             'seconds_per_clip': seconds / num_clips}  # sampling, scoring and plots
+  if is_action_model(sim.config):     # PSNR with the clips' own pushes minus with others'
+    result['controllability'] = controllability_of(sim, seed, range(num_clips), options, steps)
   (out / 'report.json').write_text(json.dumps({**result, 'clips': summaries,
                                                'ceiling_clips': ceiling['clips']}, indent=1))
   return result
@@ -92,6 +94,12 @@ def main():
   args = parser.parse_args()
   results = [evaluate(w, args.num_clips, args.seed, args.steps) for w in args.workdir]
   print(table(results))
+  for r in results:
+    if 'controllability' in r:
+      c = r['controllability']
+      print(f"{pathlib.Path(r['workdir']).name}: controllability {c['delta_psnr']:+.2f} dB "
+            f"(true pushes {c['psnr_true_actions']:.2f}, shuffled {c['psnr_shuffled_actions']:.2f}"
+            f", {c['clips']} pushed clips)")
   print(json.dumps({'seed': args.seed, 'num_clips': args.num_clips, 'models': results}))
 
 

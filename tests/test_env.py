@@ -204,3 +204,12 @@ def test_sample_and_rollout_read_actions_frame_by_frame(sim):
   assert not np.array_equal(clips[0], clips[1])
   with pytest.raises(ValueError, match="action_size=2"):
     sim.sample(None, actions=np.zeros((2, 3)), **size)
+
+
+def test_controllability_compares_the_clips_own_pushes_with_others(sim):
+  from worldsim.eval.headline import controllability_of, eval_options
+  options = eval_options(sim.config, num_frames=4, side=16)
+  result = controllability_of(sim, 1000, range(2), options, steps=2)   # both pushed
+  assert result["clips"] == 2 and len(result["delta_psnr_per_frame"]) == 3
+  # A random action embedder steers the frames, so other pushes give other frames.
+  assert np.isfinite(result["delta_psnr"]) and result["delta_psnr"] != 0.0

@@ -16,6 +16,7 @@ from data_pipelines.physics_world.simulate import ClipOptions, simulate_clip
 from data_pipelines.physics_world.takes import simulate_take
 from worldsim import config as config_lib, sampling
 from worldsim.eval.report import SUMMARY_KEYS, physics_report
+from worldsim.eval.video_metrics import controllability
 from worldsim.models import vae as vae_lib
 
 HELD_OUT_SEED = 1000  # as benchmarks/vae.py: a build seed no recipe trains on
@@ -65,15 +66,48 @@ def clip_reports(sim, seed, indices, options, steps=None, jitter=JITTER_PX):
   start = context_frames(sim.config)
   # byte-caption models read the clip's caption; the physics world has no precomputed
   # embeddings for an 'embeddings' model, which then runs unconditionally
-  captioned = sim.config.model.get('text', 'none') == 'bytes'
   for index in indices:
     truth = simulate_clip(seed, index, options)
     second = simulate_take(seed, index, options, jitter=jitter)
-    frames, height, width = truth['video'].shape[:3]
-    video = sim.sample(truth['caption'] if captioned else None, num_frames=frames,
-                       height=height, width=width, steps=steps, seed=int(index),
-                       context=truth['video'][:start], progress=False)
+    video = _continue(sim, truth, steps, int(index), start)
     yield truth, video, physics_report(video, truth, second_take=second, start=start)
+
+
+def _continue(sim, truth, steps, seed, start, actions=None):
+  """The model's continuation of the engine clip `truth` from its first `start` frames, under
+  its caption (byte-caption models; the physics world has no precomputed embeddings for an
+  'embeddings' model, which then runs unconditionally) and, for an action-conditioned model,
+  `actions` (default: the clip's own pushes)."""
+  captioned = sim.config.model.get('text', 'none') == 'bytes'
+  if is_action_model(sim.config):
+    actions = truth['actions'] if actions is None else actions
+  frames, height, width = truth['video'].shape[:3]
+  return sim.sample(truth['caption'] if captioned else None, num_frames=frames, height=height,
+                    width=width, steps=steps, seed=seed, context=truth['video'][:start],
+                    actions=actions, progress=False)
+
+
+def is_action_model(config) -> bool:
+  return config.model.get('actions', 'none') != 'none'
+
+
+def controllability_of(sim, seed, indices, options, steps=None) -> dict:
+  """How much the pushes steer an action-conditioned model (video_metrics.controllability):
+  PSNR against the engine with each held-out clip's own pushes minus with another clip's, over
+  the clips whose agent is pushed, each clip's noise the same in both."""
+  start = context_frames(sim.config)
+  truths = [t for t in (simulate_clip(seed, i, options) for i in indices) if t['actions'].any()]
+  if len(truths) < 2:
+    raise ValueError(f'{len(truths)} of {len(indices)} held-out clips push their agent; '
+                     'controllability needs two or more: raise num_clips')
+
+  def generate(actions):
+    return np.stack([_continue(sim, t, steps, k, start, a)
+                     for k, (t, a) in enumerate(zip(truths, actions))])
+
+  result = controllability(generate, np.stack([t['actions'] for t in truths]),
+                           np.stack([t['video'] for t in truths]), start=start)
+  return {**result, 'clips': len(truths)}
 
 
 def mean_summary(summaries) -> dict:
