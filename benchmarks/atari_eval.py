@@ -10,8 +10,7 @@ the emulator's recorded actions fed in and every predicted frame scored against 
 emulator's (PSNR, SSIM per horizon step). Predictors:
   model                   the --workdir's model through worldsim.Env (rewards scored with
                           --rewards, for a model with a reward head); Env.reset takes the
-                          context's frames but not their actions, so the model guesses the
-                          action that made the first predicted frame
+                          context's frames and their actions
   copy_last_frame         the last context frame, held: what a model that learned nothing
                           of the dynamics scores
   emulator_other_actions  ALE itself from the same state, fed another episode's actions (the

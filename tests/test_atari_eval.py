@@ -40,16 +40,17 @@ def test_the_emulator_is_exact_and_a_frozen_frame_scores_clearly_worse(episodes,
 
 
 class _EmulatorEnv:
-  """A stand-in for worldsim.Env with 4 frames per step: the emulator, which (unlike a model
-  reset on the context alone) knows the context's actions, so it replays exactly."""
+  """A stand-in for worldsim.Env with 4 frames per step: the emulator, which replays exactly
+  when env_predictor hands it the context's own actions."""
   frames_per_step = 4
 
   def __init__(self, episodes):
     self.emulator = atari.emulator_predictor(episodes, start=START)
-    self.context_actions = np.stack([e['actions'][START:START + N_CONTEXT] for e in episodes])
+    self.recorded = np.stack([e['actions'][START:START + N_CONTEXT] for e in episodes])
 
-  def reset(self, seed, context):
-    self.context, self.played = context, self.context_actions
+  def reset(self, seed, context, context_actions):
+    np.testing.assert_array_equal(context_actions, self.recorded)
+    self.context, self.played = context, context_actions
     return context
 
   def step(self, actions):

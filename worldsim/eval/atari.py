@@ -107,8 +107,8 @@ def env_predictor(env, seed: int = 0, rewards: bool = True) -> Predictor:
   """A worldsim.Env as a predictor: reset on the context, then step the predicted frames'
   own actions, frames_per_step at a time (Env.step conditions the frames it makes on their
   actions, as the model trained). env.num_envs must be the number of episodes and S a
-  multiple of frames_per_step. Env.reset takes no actions, so the context's are not given:
-  the model is not told the last one, which made the first predicted frame, and draws it.
+  multiple of frames_per_step. The context's own actions go in with it (Env.reset's
+  context_actions): the last one made the first predicted frame.
   rewards=False for a model without a reward head (its zeros would be read as predictions)."""
   def predict(context, actions):
     context, actions = np.asarray(context, np.uint8), np.asarray(actions, np.int32)
@@ -116,7 +116,7 @@ def env_predictor(env, seed: int = 0, rewards: bool = True) -> Predictor:
     if predicted.shape[1] % k:
       raise ValueError(f'a horizon of {predicted.shape[1]} frames is not whole steps of the '
                        f'model ({k} frames each); choose a multiple of {k}')
-    env.reset(seed=seed, context=context)
+    env.reset(seed=seed, context=context, context_actions=actions[:, :context.shape[1]])
     frames, paid = [], []
     for i in range(0, predicted.shape[1], k):
       step_frames, reward, _, _ = env.step(predicted[:, i:i + k])
