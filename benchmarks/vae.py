@@ -1,6 +1,7 @@
 """The trained VAE of a workdir: reconstruction quality, streaming memory and throughput.
 
   python -m benchmarks.vae --workdir=runs/physics_tiny [--video=my.mp4]
+  python -m benchmarks.vae --workdir=runs/physics_tiny --physics_only   # held-out quality only
 
 Reports one JSON line (and writes <workdir>/vae/benchmark.json):
   physics   PSNR / SSIM of held-out physics-world clips (a build with another seed than the
@@ -136,6 +137,8 @@ def main():
   parser.add_argument("--clips", type=int, default=32, help="held-out physics clips")
   parser.add_argument("--base_frames", type=int, default=17, help="the base clip's frames")
   parser.add_argument("--side", type=int, default=64)
+  parser.add_argument("--physics_only", action="store_true",
+                      help="only the held-out physics quality (for comparing training recipes)")
   parser.add_argument("--decode_frames", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.decode_frames:
@@ -152,6 +155,9 @@ def main():
                                   seed=HELD_OUT_SEED, min_side=d.min_side, max_side=d.max_side,
                                   min_frames=max(d.min_frames, 5), max_frames=d.max_frames)
     report["physics"] = quality(vae, physics_world.load(builder.data_dir), args.clips)
+    if args.physics_only:
+      print(json.dumps(report))
+      return
     video = pathlib.Path(args.video) if args.video else bundled_video()
     folder = pathlib.Path(tmp, "videos")
     folder.mkdir()

@@ -95,6 +95,16 @@ class VAEConfig:
   dtype: str = "float32"        # compute dtype; parameters stay float32
   disc_channels: int = 32       # the optional 3D patch discriminator
   disc_layers: int = 3
+  # Training decodes a posterior sample (True, a VAE) or the posterior mean (False: the
+  # decoder never sees the sampling noise; logvar then only feeds the KL term). Encoding for
+  # latents and reconstruction use the mean either way.
+  sample_posterior: bool = True
+  # The feature norm before every conv of a ResBlock and before the output convs: "rms"
+  # (ChannelRMSNorm, per voxel) or "none" (identity: no parameters; still per voxel, so
+  # streaming and tiling stay exact). A per-voxel RMSNorm keeps only each voxel's direction
+  # in channel space, so a small net sees brightness and saturation only once its biases
+  # have grown; without it the tiny recipe learns faster (benchmarks/RESULTS.md).
+  norm: str = "rms"
 
   def __post_init__(self):
     object.__setattr__(self, "channel_multipliers", tuple(int(m) for m in self.channel_multipliers))
@@ -104,6 +114,8 @@ class VAEConfig:
           f"VAEConfig.spatial_factor={self.spatial_factor} must be 2 ** (levels - 1) = "
           f"{2 ** (levels - 1)} for channel_multipliers={self.channel_multipliers} (one 2x "
           f"spatial downsampling between levels); change one of them")
+    if self.norm not in ("rms", "none"):
+      raise ValueError(f"VAEConfig.norm={self.norm!r} must be 'rms' or 'none'")
     if self.temporal_factor < 1 or self.temporal_factor & (self.temporal_factor - 1) or \
         self.temporal_factor > self.spatial_factor:
       raise ValueError(
@@ -200,6 +212,11 @@ class ChannelRMSNorm(nn.Module):
     return (x32 * scale).astype(x.dtype)
 
 
+def _norm(norm: str, name: str):
+  """The feature norm named by VAEConfig.norm: a ChannelRMSNorm or the identity."""
+  return ChannelRMSNorm(name=name) if norm == "rms" else (lambda x: x)
+
+
 class CausalConv3d(nn.Module):
   """A 3D conv that pads time on the past side only; spatial padding is symmetric zeros.
 
@@ -265,13 +282,14 @@ class _TemporalTapConv(nn.Module):
 class ResBlock(nn.Module):
   features: int
   dtype: str = "float32"
+  norm: str = "rms"
 
   @nn.compact
   def __call__(self, x):
     h = CausalConv3d(self.features, dtype=self.dtype, name="conv_1")(
-        nn.silu(ChannelRMSNorm(name="norm_1")(x)))
+        nn.silu(_norm(self.norm, "norm_1")(x)))
     h = CausalConv3d(self.features, dtype=self.dtype, name="conv_2")(
-        nn.silu(ChannelRMSNorm(name="norm_2")(h)))
+        nn.silu(_norm(self.norm, "norm_2")(h)))
     if x.shape[-1] != self.features:
       x = CausalConv3d(self.features, kernel=(1, 1, 1), dtype=self.dtype, name="skip")(x)
     return _constrain(x + h)
@@ -307,15 +325,15 @@ class Encoder(nn.Module):
     h = _constrain(h)
     for level, width in enumerate(widths):
       for j in range(cfg.num_res_blocks):
-        h = ResBlock(width, cfg.dtype, name=f"level_{level}_block_{j}")(h)
+        h = ResBlock(width, cfg.dtype, cfg.norm, name=f"level_{level}_block_{j}")(h)
       if level < len(widths) - 1:
         time = cfg.downsamples_time(level)
         h = CausalConv3d(width, strides=(2 if time else 1, 2, 2), dtype=cfg.dtype,
                          name=f"level_{level}_down")(h)
         h = _constrain(h)
     for j in range(2):
-      h = ResBlock(widths[-1], cfg.dtype, name=f"mid_block_{j}")(h)
-    h = nn.silu(ChannelRMSNorm(name="norm_out")(h))
+      h = ResBlock(widths[-1], cfg.dtype, cfg.norm, name=f"mid_block_{j}")(h)
+    h = nn.silu(_norm(cfg.norm, "norm_out")(h))
     moments = CausalConv3d(2 * cfg.latent_channels, names=("conv_in", None), dtype=cfg.dtype,
                            name="conv_out")(h).astype(jnp.float32)
     mean, logvar = jnp.split(moments, 2, axis=-1)
@@ -332,14 +350,14 @@ class Decoder(nn.Module):
     h = CausalConv3d(widths[-1], names=(None, "conv_out"), dtype=cfg.dtype, name="conv_in")(z)
     h = _constrain(h)
     for j in range(2):
-      h = ResBlock(widths[-1], cfg.dtype, name=f"mid_block_{j}")(h)
+      h = ResBlock(widths[-1], cfg.dtype, cfg.norm, name=f"mid_block_{j}")(h)
     for level in reversed(range(len(widths))):
       for j in range(cfg.num_res_blocks + 1):
-        h = ResBlock(widths[level], cfg.dtype, name=f"level_{level}_block_{j}")(h)
+        h = ResBlock(widths[level], cfg.dtype, cfg.norm, name=f"level_{level}_block_{j}")(h)
       if level > 0:      # mirrors the encoder's downsampling after level - 1
         h = Upsample(widths[level], cfg.downsamples_time(level - 1), cfg.dtype,
                      name=f"level_{level}_up")(h)
-    h = nn.silu(ChannelRMSNorm(name="norm_out")(h))
+    h = nn.silu(_norm(cfg.norm, "norm_out")(h))
     x = CausalConv3d(cfg.in_channels, names=("conv_in", None), dtype=cfg.dtype, name="conv_out")(h)
     return _constrain(x.astype(jnp.float32), PIXEL_AXES)
 
@@ -354,9 +372,11 @@ class VAE(nn.Module):
     self.decoder = Decoder(self.cfg)
 
   def __call__(self, x, rng: Optional[jax.Array] = None):
-    """Reconstruction, mean, logvar; samples the posterior when given `rng`, else its mean."""
+    """Reconstruction, mean, logvar; decodes a posterior sample when given `rng` (and
+    cfg.sample_posterior), else the posterior mean."""
     mean, logvar = self.encode(x)
-    z = mean if rng is None else sample_latent(rng, mean, logvar)
+    sample = rng is not None and self.cfg.sample_posterior
+    z = sample_latent(rng, mean, logvar) if sample else mean
     return self.decode(z), mean, logvar
 
   def encode(self, x, pad: bool = False):

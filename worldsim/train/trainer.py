@@ -71,7 +71,7 @@ LATENT_STATS = "latent_stats.json"
 # does not fit the current config.
 VAE_SHAPE_FIELDS = tuple(f"vae.{k}" for k in (
     "variant", "base_channels", "num_res_blocks", "channel_multipliers", "latent_channels",
-    "temporal_factor", "spatial_factor", "disc_start", "disc_channels", "disc_layers"))
+    "temporal_factor", "spatial_factor", "norm", "disc_start", "disc_channels", "disc_layers"))
 DIT_SHAPE_FIELDS = tuple(f"model.{k}" for k in (
     "variant", "width", "depth", "num_heads", "mlp_ratio", "patch_size", "text", "text_depth",
     "text_embed_dim", "actions", "action_size", "reward_heads")) + (
