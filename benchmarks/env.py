@@ -69,9 +69,9 @@ def tiny_action_sim(seed: int = 0):
 
 def _actions(env, rng):
   shape = (env.num_envs, env.frames_per_step, *env.action_shape)
-  if env.action_mode == "continuous":
+  if env.action_spec.mode == "continuous":
     return rng.normal(0, 1, shape).astype(np.float32)
-  return rng.integers(0, env.action_size, shape)
+  return rng.integers(0, env.action_spec.size, shape)
 
 
 def time_steps(groups: dict, env_steps: int, repeats: int, seed: int) -> dict:

@@ -5,6 +5,7 @@ from data_pipelines import loader
 from worldsim.models import attention, conditioning, dit, vae as vae_lib
 from worldsim.parallel import context as context_lib
 from worldsim.parallel import mesh as mesh_lib
+from worldsim.train import step as step_lib
 
 STAGES = ("vae", "latents", "dit", "samples")
 DIT_STAGES = ("dit", "samples")         # stages that read config.model, diffusion, optim, train
@@ -50,9 +51,9 @@ def pixel_frames_per_model_frame(config) -> int:
 def action_dim(config) -> int:
   """The DiT's per-token action width (dit.DiTConfig.action_dim) for config.model.actions
   ('none' -> 0): the patch's frames x pixel frames per model frame x config.model.action_size."""
-  m = config.model
-  return conditioning.token_action_dim(m.get("actions", "none"), m.get("action_size", 0),
-                                       int(m.patch_size[0]), pixel_frames_per_model_frame(config))
+  spec = step_lib.action_spec(config.model)
+  return conditioning.token_action_dim(spec.mode, spec.size, spec.frames_per_patch,
+                                       pixel_frames_per_model_frame(config))
 
 
 def _check(ok: bool, message: str):

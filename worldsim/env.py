@@ -61,8 +61,8 @@ def _advance(model, vae, params, vae_variables, latent_stats, state, raw_actions
   Returns (state, frames uint8 (B, n, H, W, 3), heads (B, F, 2) or None).
   """
   per_frame = frame_grid[0] * frame_grid[1]
-  mode, size = action_spec
-  features = conditioning.action_features(raw_actions, mode, size) * known[:, None]
+  features = conditioning.action_features(raw_actions, action_spec.mode,
+                                          action_spec.size) * known[:, None]
   token_actions = jnp.concatenate([state["actions"], features[:, None]], axis=1)
   token_known = jnp.concatenate([state["known"], known[:, None]], axis=1)
   keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state["keys"], draw)
@@ -105,7 +105,7 @@ class Env:
       from worldsim import sampling
       sim = sampling.load(sim)
     self.sim = sim
-    self.action_mode, self.action_size = actions_lib.action_spec(sim.config)
+    self.action_spec = sim.action_spec           # train.step.ActionSpec: mode, size, pt
     if not sim.model.cfg.action_dim:
       raise ValueError("worldsim.Env needs an action-conditioned model (config.model.actions="
                        "'continuous' or 'discrete'); this one has config.model.actions='none'")
@@ -142,7 +142,7 @@ class Env:
   @property
   def action_shape(self) -> tuple:
     """One env's action for one pixel frame: (action_size,) floats, or () for an id."""
-    return (self.action_size,) if self.action_mode == "continuous" else ()
+    return actions_lib.frame_shape(self.action_spec)
 
   # ------------------------------------------------------------------------------- API
 
@@ -198,15 +198,12 @@ class Env:
         tokens[:, tokens.shape[1] - keep * per_frame:])
     state["valid"] = state["valid"].at[:, self._window - keep:].set(True)
     if context_actions is not None:
-      per_env = np.asarray(context_actions)
-      if per_env.ndim == len(self.action_shape) + 1:
-        per_env = np.broadcast_to(per_env[None], (b, *per_env.shape))
+      per_env = actions_lib.held(context_actions, self.action_spec, axis=0, length=b)
       if len(per_env) != b or per_env.shape[1] != context.shape[1]:
         raise ValueError(f"context_actions: one per context frame ({context.shape[1]}), "
                          f"optionally per env ({b}); got shape {per_env.shape}")
-      laid_out = [actions_lib.token_frame_actions(a, self.action_mode, self.action_size,
-                                                  sim.factors[0], pt, z.shape[1] // pt)
-                  for a in per_env]
+      laid_out = [actions_lib.token_frame_actions(a, self.action_spec, sim.factors[0],
+                                                  z.shape[1] // pt) for a in per_env]
       features, known = (np.stack(x)[:, -keep:] for x in zip(*laid_out))
       state["actions"] = state["actions"].at[:, self._window - keep:].set(features)
       state["known"] = state["known"].at[:, self._window - keep:].set(known)
@@ -251,30 +248,26 @@ class Env:
         sim.model, None if vae is None else vae.model, sim.params,
         None if vae is None else vae.variables, self._latent_stats, state, jnp.asarray(raw),
         jnp.asarray(known), jnp.int32(draw), self._text, self.guidance, self._shift,
-        self.context_noise, action_spec=(self.action_mode, self.action_size),
+        self.context_noise, action_spec=self.action_spec,
         patch_size=tuple(sim.patch_size), channels=sim.model_channels,
         frame_grid=self._frame_grid, window=self._window, steps=self.steps,
         sampler=self.sampler, guided=guided)
 
   def _check_actions(self, actions) -> tuple:
     """The step's actions -> raw (B, frames_per_step x k) float32 and known (B,) float32."""
-    b, n, size = self.num_envs, self.frames_per_step, self.action_size
+    b, n, spec = self.num_envs, self.frames_per_step, self.action_spec
     if actions is None:
-      k = size if self.action_mode == "continuous" else 1
-      return np.zeros((b, n * k), np.float32), np.zeros(b, np.float32)
-    a = np.asarray(actions)
+      return np.zeros((b, n * spec.raw_width), np.float32), np.zeros(b, np.float32)
     per_frame, per_step = (b, n, *self.action_shape), (b, *self.action_shape)
-    if a.shape == per_step:                        # one per step, held over its frames
-      a = np.repeat(a[:, None], n, axis=1)
+    a = actions_lib.held(actions, spec, axis=1, length=n)     # one per step: held over it
     if a.shape != per_frame:
-      if self.action_mode == "continuous":
+      if spec.mode == "continuous":
         names = "floats (num_envs, frames_per_step, action_size)", "(num_envs, action_size)"
       else:
         names = "integer ids (num_envs, frames_per_step)", "(num_envs,)"
       raise ValueError(f"actions: {names[0]} = {per_frame}, or {names[1]} = {per_step} held "
-                       f"over the step's frames; got shape {a.shape}")
-    raw = actions_lib.check_actions(a, self.action_mode, size)
-    return raw.reshape(b, -1), np.ones(b, np.float32)
+                       f"over the step's frames; got shape {np.shape(actions)}")
+    return actions_lib.check_actions(a, spec).reshape(b, -1), np.ones(b, np.float32)
 
   def _check_context(self, context) -> np.ndarray:
     context = np.asarray(context)

@@ -43,12 +43,12 @@ class GymEnv(gymnasium.Env):
     self.metadata = dict(self.metadata, render_fps=self.env.sim.config.sample.get("fps", 8))
     self.max_episode_steps = max_episode_steps
     self.observation_space = spaces.Box(0, 255, (self.env.height, self.env.width, 3), np.uint8)
-    if self.env.action_mode == "continuous":
+    if self.env.action_spec.mode == "continuous":
       low, high = action_bounds
-      self.action_space = spaces.Box(np.float32(low), np.float32(high),
-                                     (self.env.action_size,), np.float32)
+      self.action_space = spaces.Box(np.float32(low), np.float32(high), self.env.action_shape,
+                                     np.float32)
     else:
-      self.action_space = spaces.Discrete(self.env.action_size)
+      self.action_space = spaces.Discrete(self.env.action_spec.size)
     self._frame, self._steps = None, 0
 
   def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):

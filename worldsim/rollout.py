@@ -39,6 +39,7 @@ from worldsim import actions as actions_lib
 from worldsim.diffusion import flow, samplers
 from worldsim.models import dit, patches
 from worldsim.models import vae as vae_lib
+from worldsim.train import step as step_lib
 
 # Context noise level: enough to hide the model's own small errors, small enough that the
 # context still pins the scene (diffusion forcing's noise-augmented context).
@@ -64,27 +65,31 @@ def _rows(a, rows: int):
   return jnp.concatenate([a] * (rows // a.shape[0]))
 
 
-def _velocity_fn(model, params, positions, segment_ids, level_of, text, guidance, guided,
-                 kv_cache=None, actions=None, actions_known=None):
+def velocity_fn(model, params, positions, segment_ids, text, guidance, guided, *, held=None,
+                held_level=0.0, kv_cache=None, actions=None, actions_known=None):
   """v(x, t) of the DiT over B rows (2B when guided: caption and null caption in one batch,
-  v = v_null + w (v_caption - v_null)); level_of(t) gives the per-token noise levels.
-  positions, segment_ids, actions and actions_known have 1 or B rows."""
+  v = v_null + w (v_caption - v_null)), for sample() and the rollouts alike.
+  text: (caption, null caption) or None. held: (L,) bool, tokens (a context) kept at noise
+  level held_level with velocity 0; the others are at t. positions, segment_ids, actions and
+  actions_known have 1 or B rows."""
   def forward(x, t, caption):
     rows, length = x.shape[0], x.shape[1]
+    level = t if held is None else jnp.where(held, held_level, t)
     text_args = {} if caption is None else dict(text=caption[0], text_segment_ids=caption[1])
     action_args = {} if actions is None else dict(actions=_rows(actions, rows),
                                                   actions_known=_rows(actions_known, rows))
     return model.apply({"params": params}, x, _rows(positions, rows),
-                       _rows(segment_ids, rows),
-                       jnp.broadcast_to(level_of(t), (rows, length)), kv_cache=kv_cache,
-                       **text_args, **action_args)
+                       _rows(segment_ids, rows), jnp.broadcast_to(level, (rows, length)),
+                       kv_cache=kv_cache, **text_args, **action_args)
 
   def velocity(x, t):
     if not guided:
-      return forward(x, t, None if text is None else text[0])
-    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), text[0], text[1])
-    v_caption, v_null = jnp.split(forward(jnp.concatenate([x, x]), t, both), 2)
-    return v_null + guidance * (v_caption - v_null)
+      v = forward(x, t, None if text is None else text[0])
+    else:
+      both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), text[0], text[1])
+      v_caption, v_null = jnp.split(forward(jnp.concatenate([x, x]), t, both), 2)
+      v = v_null + guidance * (v_caption - v_null)
+    return v if held is None else jnp.where(held[:, None], 0.0, v)
 
   return velocity
 
@@ -148,9 +153,9 @@ def denoise_chunk(model, params, window_tokens, window_valid, rng, text, guidanc
                         noise_level=jnp.full((rows, context_length), context_noise),
                         method=dit.DiT.append_to_cache, **caption_args,
                         **action_args(window_actions, window_known))
-    velocity = _velocity_fn(model, params, positions[:, context_length:],
-                            segment_ids[:, context_length:], lambda t: t, text, guidance,
-                            guided, cache, chunk_actions, chunk_known)
+    velocity = velocity_fn(model, params, positions[:, context_length:],
+                           segment_ids[:, context_length:], text, guidance, guided,
+                           kv_cache=cache, actions=chunk_actions, actions_known=chunk_known)
     x0 = samplers.sample(velocity, x1, steps, shift, sampler)[0]
     if not heads:
       return x0
@@ -163,11 +168,11 @@ def denoise_chunk(model, params, window_tokens, window_valid, rng, text, guidanc
                       **action_args(chunk_actions, chunk_known))
     return x0, out[:b]
   is_context = jnp.arange(positions.shape[1]) < context_length
-  velocity = _velocity_fn(model, params, positions, segment_ids,
-                          lambda t: jnp.where(is_context, context_noise, t)[None], text,
-                          guidance, guided, None, actions, actions_known)
-  held = lambda x, t: jnp.where(is_context[None, :, None], 0.0, velocity(x, t))
-  x0 = samplers.sample(held, jnp.concatenate([context, x1], axis=1), steps, shift, sampler)[0]
+  velocity = velocity_fn(model, params, positions, segment_ids, text, guidance, guided,
+                         held=is_context, held_level=context_noise, actions=actions,
+                         actions_known=actions_known)
+  x0 = samplers.sample(velocity, jnp.concatenate([context, x1], axis=1), steps, shift,
+                       sampler)[0]
   if not heads:
     return x0[:, context_length:]
   out = model.apply({"params": params}, x0, _rows(positions, b), segment_ids,
@@ -216,7 +221,6 @@ def rollout_frames(sim, *, num_frames: Optional[int] = None, seconds: Optional[f
   (discrete), n <= num_frames; frames past n, or all without them, are unknown to the model.
   """
   s, cfg = sim.config.sample, sim.model.cfg
-  mode, size = actions_lib.action_spec(sim.config)
   if actions is not None and not cfg.action_dim:
     raise ValueError("actions were given to a model without action conditioning "
                      "(config.model.actions='none'): leave them out")
@@ -269,7 +273,8 @@ def rollout_frames(sim, *, num_frames: Optional[int] = None, seconds: Optional[f
     if actions is not None and len(actions) > num_frames:
       raise ValueError(f"actions for {len(actions)} frames; the video has num_frames={num_frames}")
     frame_actions, frame_known = actions_lib.token_frame_actions(
-        actions, mode, size, t_factor, pt, made // pt + num_chunks * chunk_t)
+        actions, step_lib.action_spec(sim.config.model), t_factor,
+        made // pt + num_chunks * chunk_t)
 
   def token_actions(first: int, count: int) -> tuple:
     """Token frames first .. first + count - 1 (before 0: padding, unknown) per token."""
@@ -317,9 +322,9 @@ def rollout(sim, **kwargs) -> np.ndarray:
 
 
 def save_rollout(path, sim, fps: Optional[float] = None, **kwargs):
-  """Writes rollout_frames to an mp4 as they come (ffmpeg from imageio-ffmpeg), so a video of
-  any length is written at constant memory. Returns the path."""
-  import mediapy
+  """Writes rollout_frames to an mp4 as they come (video.save_video over the chunks, ffmpeg
+  from imageio-ffmpeg), so a video of any length is written at constant memory. Frames under
+  128 pixels are upscaled by a whole factor towards 128. Returns the path."""
   from worldsim import video as video_lib
   if not video_lib._ffmpeg_ready():
     raise ImportError("save_rollout writes mp4 with mediapy and imageio-ffmpeg: "
@@ -327,11 +332,5 @@ def save_rollout(path, sim, fps: Optional[float] = None, **kwargs):
   fps = fps or sim.config.sample.fps
   frames_iter = rollout_frames(sim, fps=fps, **kwargs)
   first = next(frames_iter)
-  # H.264 wants even sides; tiny frames are upscaled as save_video does.
   scale = max(1, 128 // max(first.shape[1:3]))
-  size = (first.shape[1] * scale // 2 * 2, first.shape[2] * scale // 2 * 2)
-  with mediapy.VideoWriter(path, shape=size, fps=fps) as writer:
-    for frames in itertools.chain([first], frames_iter):
-      for frame in frames.repeat(scale, axis=1).repeat(scale, axis=2):
-        writer.add_image(frame[:size[0], :size[1]])
-  return path
+  return video_lib.save_video(path, itertools.chain([first], frames_iter), fps, scale=scale)

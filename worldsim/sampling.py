@@ -33,11 +33,13 @@ from data_pipelines import loader
 from worldsim import actions as actions_lib
 from worldsim import config as config_lib
 from worldsim import export as export_lib
+from worldsim import rollout
 from worldsim import video as video_lib
 from worldsim.diffusion import flow, samplers
 from worldsim.models import patches, text as text_lib, vae as vae_lib
 from worldsim.parallel import mesh as mesh_lib
 from worldsim.train import checkpoint as checkpoint_lib
+from worldsim.train import step as step_lib
 
 
 DECODE_CHUNK = 4                     # latent frames the VAE decodes at a time
@@ -157,7 +159,7 @@ class WorldSim:
     self.config.data.batch_size = jax.device_count()
     setup = trainer.build(self.config, mesh_lib.make_mesh(self.config.mesh))
     self.model = setup.model             # its action_dim is config_lib.action_dim(config)
-    self.action_mode, self.action_size = actions_lib.action_spec(self.config)
+    self.action_spec = step_lib.action_spec(self.config.model)
     self.patch_size = tuple(self.config.model.patch_size)
     self.channels = self.config.data.channels            # of the videos
     self.model_channels = config_lib.model_channels(self.config)
@@ -509,19 +511,17 @@ class WorldSim:
     frame (features (B, gt, action_dim), known (B, gt)); None for a model without actions."""
     if not self.model.cfg.action_dim:
       return None
-    mode, size = self.action_mode, self.action_size
+    spec = self.action_spec
     if actions is not None:
-      actions = np.asarray(actions)
-      per_clip = 2 if mode == "continuous" else 1          # a clip's (n, size) or (n,)
-      if actions.ndim == per_clip:
-        actions = np.broadcast_to(actions[None], (batch, *actions.shape))
+      actions = actions_lib.held(actions, spec, axis=0, length=batch)     # shared by the clips
+      per_clip = 1 + len(actions_lib.frame_shape(spec))     # a clip's (n, size) or (n,)
       if actions.ndim != per_clip + 1 or len(actions) != batch:
         raise ValueError(f"actions: {'(n, action_size)' if per_clip == 2 else '(n,)'} per clip"
                          f" or one set per clip ({batch}, ...); got shape {actions.shape}")
       if shape is not None and actions.shape[1] > shape[0]:
         raise ValueError(f"actions for {actions.shape[1]} frames; the clip has {shape[0]}")
-    rows = [actions_lib.token_frame_actions(None if actions is None else actions[i], mode, size,
-                                        self.factors[0], self.patch_size[0], grid[0])
+    rows = [actions_lib.token_frame_actions(None if actions is None else actions[i], spec,
+                                            self.factors[0], grid[0])
             for i in range(batch)]
     return tuple(jnp.asarray(np.stack(part)) for part in zip(*rows))
 
@@ -635,7 +635,7 @@ def _step_inputs(batch: int, grid, num_context: int, text, guidance: float,
   inputs = dict(positions=jnp.broadcast_to(jnp.asarray(patches.positions(grid)),
                                            (batch, seq_len, 3)),
                 segment_ids=jnp.ones((batch, seq_len), jnp.int32),
-                is_context=(jnp.arange(seq_len) < num_context)[None, :, None],
+                is_context=jnp.arange(seq_len) < num_context,
                 text=text, guidance=jnp.float32(guidance))
   if actions is not None:          # token frames are contiguous (frame-major tokens)
     inputs.update(actions=jnp.repeat(actions[0], per_frame, axis=1),
@@ -644,31 +644,13 @@ def _step_inputs(batch: int, grid, num_context: int, text, guidance: float,
 
 
 def _sampler_step(model, sampler: samplers.Sampler, guided: bool, params, carry, times, inputs):
-  """One step of `sampler` with the model's velocity (guided: the caption's and the null
-  caption's passes in one batch of twice the rows; context tokens held clean)."""
-  text, is_context = inputs["text"], inputs["is_context"]
-
-  def forward(x, t, caption):
-    rows, seq_len = x.shape[:2]
-    level = jnp.broadcast_to(jnp.where(is_context[..., 0], 0.0, t), (rows, seq_len))
-    text_args = {} if caption is None else dict(text=caption[0], text_segment_ids=caption[1])
-    per_row = {k: inputs[k] for k in ("positions", "segment_ids", "actions", "actions_known")
-               if k in inputs}
-    if rows != per_row["positions"].shape[0]:          # guided: [x; x]
-      per_row = {k: jnp.concatenate([a, a]) for k, a in per_row.items()}
-    positions, segment_ids = per_row.pop("positions"), per_row.pop("segment_ids")
-    return model.apply({"params": params}, x, positions, segment_ids, level, **text_args,
-                       **per_row)
-
-  def velocity(x, t):
-    if not guided:
-      v = forward(x, t, None if text is None else text[0])
-    else:
-      both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), text[0], text[1])
-      v_caption, v_null = jnp.split(forward(jnp.concatenate([x, x]), t, both), 2)
-      v = v_null + inputs["guidance"] * (v_caption - v_null)
-    return jnp.where(is_context, 0.0, v)
-
+  """One step of `sampler` with the model's velocity (rollout.velocity_fn: guided, the
+  caption's and the null caption's passes in one batch of twice the rows; context tokens
+  held clean)."""
+  velocity = rollout.velocity_fn(
+      model, params, inputs["positions"], inputs["segment_ids"], inputs["text"],
+      inputs["guidance"], guided, held=inputs["is_context"], actions=inputs.get("actions"),
+      actions_known=inputs.get("actions_known"))
   return sampler.step(velocity, carry, *times)
 
 

@@ -1,4 +1,6 @@
 """Writing and showing uint8 videos (T, H, W, 3)."""
+import collections.abc
+import itertools
 import os
 import pathlib
 
@@ -23,38 +25,66 @@ def _check_video(video) -> np.ndarray:
   return video
 
 
+def _same_size(chunks, first: np.ndarray):
+  """The chunks of a streamed video, each checked, all of the first chunk's frame size."""
+  for chunk in chunks:
+    chunk = _check_video(chunk)
+    if chunk.shape[1:] != first.shape[1:]:
+      raise ValueError(f"every chunk of a video needs frames of one size: {first.shape[1:]}, "
+                       f"then {chunk.shape[1:]}")
+    yield chunk
+
+
 def save_video(path, video, fps: float = 8.0, *, scale: int = 1) -> pathlib.Path:
   """Writes uint8 `video` (T, H, W, 3) to `path`: .mp4 (H.264) through the ffmpeg that
   imageio-ffmpeg ships (via mediapy), .gif through Pillow. Returns the path written.
 
   Either order works: save_video(path, video, fps) or save_video(video, path, fps); a path
-  is a str or os.PathLike, a video never is. `scale`: an integer upscale (pixel repeat), for
-  tiny clips players would show as a dot. H.264 needs even sides, so an .mp4 of odd sides
-  gets its last row/column repeated once. An .mp4 path falls back to .gif beside it when the
-  video extra (imageio-ffmpeg, mediapy) is not installed.
+  is a str or os.PathLike, a video never is. `video` may also be an iterator of uint8
+  (t, H, W, 3) chunks of one frame size (a generator, such as rollout.rollout_frames): an .mp4
+  is then written as they come, one chunk in memory at a time (a .gif still holds them all).
+  `scale`: an integer upscale (pixel repeat), for tiny clips players would show as a dot.
+  H.264 needs even sides, so an .mp4 of odd sides gets its last row/column repeated once. An
+  .mp4 path falls back to .gif beside it when the video extra (imageio-ffmpeg, mediapy) is not
+  installed.
   """
   if isinstance(video, (str, os.PathLike)) and not isinstance(path, (str, os.PathLike)):
     path, video = video, path                        # the older save_video(video, path) order
   if not isinstance(path, (str, os.PathLike)):
     raise TypeError(f"save_video(path, video, fps): no path among the first two arguments "
                     f"({type(path).__name__}, {type(video).__name__})")
-  video = _check_video(video)
+  if isinstance(video, collections.abc.Iterator):
+    first = next(video, None)
+    if first is None:
+      raise ValueError("expected a uint8 video (T, H, W, 3), got an empty iterator of chunks")
+    first = _check_video(first)
+    chunks = itertools.chain([first], _same_size(video, first))
+  else:
+    first = _check_video(video)
+    chunks = iter([first])
   if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
     raise ValueError(f"scale={scale!r} must be a positive integer")
   if not fps > 0:
     raise ValueError(f"fps={fps!r} must be positive")
-  if scale > 1:
-    video = video.repeat(scale, axis=1).repeat(scale, axis=2)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  if path.suffix.lower() == ".mp4" and _ffmpeg_ready():
+  mp4 = path.suffix.lower() == ".mp4" and _ffmpeg_ready()
+  height, width = first.shape[1] * scale, first.shape[2] * scale
+  odd = (0, 0), (0, height % 2), (0, width % 2), (0, 0)
+
+  def frames():
+    for chunk in chunks:
+      if scale > 1:
+        chunk = chunk.repeat(scale, axis=1).repeat(scale, axis=2)
+      yield from np.pad(chunk, odd, mode="edge") if mp4 else chunk
+
+  if mp4:
     import mediapy
-    odd = (0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)
-    mediapy.write_video(path, np.pad(video, odd, mode="edge"), fps=fps)
+    mediapy.write_video(path, frames(), fps=fps)
     return path
   from PIL import Image
   path = path.with_suffix(".gif")
-  frames = [Image.fromarray(f) for f in video]
+  frames = [Image.fromarray(f) for f in frames()]
   frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps),
                  loop=0)
   return path

@@ -10,7 +10,9 @@ cache) gets zeros from every implementation.
   xla      dense reference: materialises the (Lq, Lk) logits, so memory is quadratic.
   chunked  flash attention in pure JAX: an online softmax over (query block, key block) tiles
            and a hand-written backward that recomputes the tiles from (out, logsumexp), so
-           memory is linear in length for training too. Runs on every backend.
+           memory is linear in length for training too. Runs on every backend. The online
+           softmax (online_softmax_init / _step / _finish) is also the ring's, in
+           worldsim/parallel/context.py.
   cudnn    cuDNN's fused kernel through jax.nn.dot_product_attention (GPU; else xla).
   splash   the Pallas splash-attention kernel (TPU, no block-causal mask; else chunked).
 """
@@ -98,9 +100,10 @@ def _from_blocks(x, length: int):
   return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, n, h)[:, :length]
 
 
-def _tile_logits(q_i, k_j, visible):
-  """q (B, N, bq, H), k (B, N, bk, H) -> float32 logits (B, N, bq, bk), -inf where masked."""
-  logits = jnp.einsum("bnqh,bnkh->bnqk", q_i, k_j, preferred_element_type=jnp.float32)
+def _tile_logits(q_i, k_j, visible, kv_layout="bnkh"):
+  """q (B, N, bq, H), k (B, N, bk, H) (or as kv_layout says) -> float32 logits
+  (B, N, bq, bk), -inf where masked."""
+  logits = jnp.einsum(f"bnqh,{kv_layout}->bnqk", q_i, k_j, preferred_element_type=jnp.float32)
   return jnp.where(visible, logits, -jnp.inf)
 
 
@@ -128,6 +131,54 @@ def _skip_unless(tile_visible, update, carry):
   return jax.lax.cond(tile_visible, update, lambda c: c, carry)
 
 
+def online_softmax_init(q):
+  """The empty carry of an online softmax over queries q (..., lq, H): running max (..., lq),
+  denominator (..., lq) and output (..., lq, H), all float32.
+
+  The running max starts at float32's lowest, finite, so a key block a query cannot see gives
+  exp(-inf - max) = 0, not NaN. The carry is derived from q rather than built with jnp.full,
+  so inside a shard_map it varies over the mesh axes as q does (the varying-axes check).
+  """
+  zeros = q.astype(jnp.float32) * 0
+  return zeros[..., 0] + jnp.finfo(jnp.float32).min, zeros[..., 0], zeros
+
+
+def online_softmax_step(carry, q, k, v, visible, *, kv_layout: str = "bnkh"):
+  """Folds one key block into an online-softmax carry (see online_softmax_init).
+
+  q (B, N, lq, H), pre-scaled; k, v (B, N, lk, H), or (B, lk, N, H) with kv_layout="bknh"
+  (the ring's token-major blocks, contracted as they lie); visible bool, broadcastable to
+  (B, N, lq, lk). Logits, max, denominator and output accumulate in float32 whatever the
+  inputs' dtype; the probabilities meet v in v's dtype. Shared by the chunked forward here and
+  the ring of worldsim/parallel/context.py.
+  """
+  running_max, total, acc = carry
+  logits = _tile_logits(q, k, visible, kv_layout)
+  # The result does not depend on the shift, so its gradient is zero: stop it, which also
+  # keeps -inf and the finite start value out of a backward pass taken by autodiff (the
+  # ring's; the chunked backward is hand-written).
+  new_max = jax.lax.stop_gradient(jnp.maximum(running_max, logits.max(-1)))
+  p = jnp.exp(logits - new_max[..., None])
+  rescale = jnp.exp(running_max - new_max)
+  total = total * rescale + p.sum(-1)
+  acc = acc * rescale[..., None] + jnp.einsum(
+      f"bnqk,{kv_layout}->bnqh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return new_max, total, acc
+
+
+def online_softmax_finish(carry):
+  """Normalises an online-softmax carry: (output (..., lq, H), logsumexp (..., lq)), float32.
+
+  total >= 1 wherever a query saw a key; a query that saw none has total 0 and gets output 0
+  (and logsumexp float32's lowest, whose exp is 0). The guard is a `where`, not
+  max(total, tiny), so the gradient of acc / total stays finite for such a query when autodiff
+  differentiates through it.
+  """
+  running_max, total, acc = carry
+  total = jnp.where(total > 0, total, 1.0)
+  return acc / total[..., None], running_max + jnp.log(total)
+
+
 def _flash_forward(q, k, v, q_mask, kv_mask, tiles):
   """Blocked q (nq, B, N, bq, H), k and v (nk, B, N, bk, H), q pre-scaled; tiles (nq, nk) ->
   out like q and logsumexp (nq, B, N, bq) float32."""
@@ -139,25 +190,13 @@ def _flash_forward(q, k, v, q_mask, kv_mask, tiles):
       k_j, v_j, kv_mask_j, tile_visible = args
 
       def update(carry):
-        running_max, total, acc = carry
-        logits = _tile_logits(q_i, k_j, _visible(q_mask_i, kv_mask_j))
-        new_max = jnp.maximum(running_max, logits.max(-1))
-        p = jnp.exp(logits - new_max[..., None])
-        rescale = jnp.exp(running_max - new_max)
-        total = total * rescale + p.sum(-1)
-        acc = acc * rescale[..., None] + jnp.einsum(
-            "bnqk,bnkh->bnqh", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
-        return new_max, total, acc
+        return online_softmax_step(carry, q_i, k_j, v_j, _visible(q_mask_i, kv_mask_j))
 
       return _skip_unless(tile_visible, update, carry), None
 
-    # The running max starts finite, so a fully masked tile gives exp(-inf - max) = 0, not NaN.
-    init = (jnp.full(q_i.shape[:-1], jnp.finfo(jnp.float32).min),
-            jnp.zeros(q_i.shape[:-1], jnp.float32), jnp.zeros(q_i.shape, jnp.float32))
-    (running_max, total, acc), _ = jax.lax.scan(key_block, init, (k, v, kv_mask, tiles_i))
-    # total >= 1 wherever a query saw a key; 0 (so out = 0) where it saw none.
-    total = jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
-    return (acc / total[..., None]).astype(q_i.dtype), running_max + jnp.log(total)
+    carry, _ = jax.lax.scan(key_block, online_softmax_init(q_i), (k, v, kv_mask, tiles_i))
+    out, logsumexp = online_softmax_finish(carry)
+    return out.astype(q_i.dtype), logsumexp
 
   return jax.lax.map(query_block, (q, q_mask, tiles))
 

@@ -16,9 +16,10 @@ with b = B / batch degree and n = N / tensor degree local rows and heads.
 
   ring     (Ring Attention) C = R devices on `ring_axis`.
     holds      q (b, L/R, n, H) for good; k, v and their ids start as the local block
-    R steps    attend q to the block held (online softmax: running max, denominator and
-               output in float32), then ppermute the block to ring neighbour r + 1, so at
-               step s device r holds the block of device r - s. The last step sends nothing.
+    R steps    attend q to the block held (the chunked attention's online softmax, from
+               worldsim.models.attention: running max, denominator and output in float32),
+               then ppermute the block to ring neighbour r + 1, so at step s device r holds
+               the block of device r - s. The last step sends nothing.
     out        (b, L/R, n, H), already where it belongs
     No head constraint and memory linear in L / R; R - 1 hops of k and v. Each step is
     rematerialised (jax.checkpoint), so the backward keeps one block's logits at a time.
@@ -154,24 +155,12 @@ def _visible(ids: dict, kv_ids: dict):
 
 
 def _accumulate(q_t, ids, k, v, kv_ids, carry):
-  """One online-softmax step: fold the key block (k, v (b, lk, n, H)) into the carry
-  (running max (b, n, lq), denominator (b, n, lq), output (b, n, lq, H), all float32).
-  q_t is (b, n, lq, H), pre-scaled."""
+  """One online-softmax step (attention_lib.online_softmax_step): fold the key block
+  (k, v (b, lk, n, H)) into the carry. q_t is (b, n, lq, H), pre-scaled."""
   visible = _visible(ids, kv_ids)
 
   def update(carry):
-    running_max, total, acc = carry
-    logits = jnp.einsum("bnqh,bknh->bnqk", q_t, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(visible, logits, -jnp.inf)
-    # The result does not depend on the shift, so its gradient is zero: stop it, which also
-    # keeps -inf and the finite start value out of the backward pass.
-    new_max = jax.lax.stop_gradient(jnp.maximum(running_max, logits.max(-1)))
-    p = jnp.exp(logits - new_max[..., None])
-    rescale = jnp.exp(running_max - new_max)
-    total = total * rescale + p.sum(-1)
-    acc = acc * rescale[..., None] + jnp.einsum(
-        "bnqk,bknh->bnqh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return new_max, total, acc
+    return attention_lib.online_softmax_step(carry, q_t, k, v, visible, kv_layout="bknh")
 
   # Packed clips and block-causal masks leave many blocks invisible to a device's queries.
   return jax.lax.cond(visible.any(), update, lambda c: c, carry)
@@ -181,10 +170,7 @@ def _ring(q, k, v, ids: dict, kv_ids: dict, axis: str, ring_size: int):
   """Attention of the local queries over the keys of every device on `axis`, the key
   blocks passed around the ring. Shapes as attention_lib.attention, per device."""
   q_t = (q * q.shape[-1] ** -0.5).transpose(0, 2, 1, 3)                      # (b, n, lq, H)
-  # Derived from q rather than jnp.full: the carry must vary over the mesh axes as q does.
-  zeros = q_t.astype(jnp.float32) * 0
-  # A finite start keeps exp(-inf - max) = 0 (not NaN) for queries that have seen nothing.
-  carry = (zeros[..., 0] + jnp.finfo(jnp.float32).min, zeros[..., 0], zeros)
+  carry = attention_lib.online_softmax_init(q_t)
   # Rematerialised: the backward recomputes a step's logits instead of storing R of them.
   accumulate = jax.checkpoint(_accumulate)
   to_next = [(r, (r + 1) % ring_size) for r in range(ring_size)]
@@ -197,10 +183,7 @@ def _ring(q, k, v, ids: dict, kv_ids: dict, axis: str, ring_size: int):
 
   block = (k, v, kv_ids)
   (block, carry), _ = jax.lax.scan(step, (block, carry), None, length=ring_size - 1)
-  _, total, acc = accumulate(q_t, ids, *block, carry)
-  # total > 0 wherever a query saw a key. The guard (not max(total, tiny)) keeps the
-  # gradient of acc / total finite for a query that saw none: its output is exactly 0.
-  out = acc / jnp.where(total > 0, total, 1.0)[..., None]
+  out, _ = attention_lib.online_softmax_finish(accumulate(q_t, ids, *block, carry))
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
@@ -306,7 +289,7 @@ def context_attention(q, k, v, segment_ids, *, strategy: str = "ulysses",
   batch_axes, heads_axes: the mesh axes of the batch and the heads (those not in the mesh
     are ignored), as the logical rules place them, so entering the shard_map moves nothing.
   implementation, block_q, block_kv: the single-device attention Ulysses runs on its heads
-    (ring runs its own online softmax over whole key blocks).
+    (ring runs attention_lib's online softmax over whole key blocks).
   """
   chex.assert_rank([q, k, v], 4)
   ulysses_axis, ring_axis = _strategy_axes(strategy, axis, ulysses_axis, ring_axis)

@@ -44,11 +44,17 @@ class ActionSpec(NamedTuple):
   size: int = 0
   frames_per_patch: int = 1
 
+  @property
+  def raw_width(self) -> int:
+    """Raw action values per pixel frame, as users give them and the loader ships them:
+    `size` floats (continuous), one id (discrete), none (0)."""
+    return 0 if self.mode == "none" else self.size if self.mode == "continuous" else 1
+
 
 def action_spec(model_cfg) -> ActionSpec:
   """The ActionSpec of an experiment config's `model` block (read with defaults, so configs
-  from before actions existed stay valid)."""
-  return ActionSpec(model_cfg.get("actions", "none"), model_cfg.get("action_size", 0),
+  from before actions existed stay valid); training, sample(), the rollouts and Env read it."""
+  return ActionSpec(model_cfg.get("actions", "none"), int(model_cfg.get("action_size", 0)),
                     int(model_cfg.patch_size[0]))
 
 

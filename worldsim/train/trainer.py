@@ -177,15 +177,11 @@ def open_clip_data(config, workdir):
 def frame_widths(config) -> dict:
   """The loader's per-clip, per-model-frame arrays the DiT reads, by name: their widths n in
   (B, M, F, n). A model frame holds k pixel frames (the VAE's temporal factor, else 1), each
-  with model.action_size floats (continuous) or one id (discrete) of actions, and with a
-  reward and a terminal flag."""
-  m = config.model
+  with its raw actions (ActionSpec.raw_width values), a reward and a terminal flag."""
   k = config_lib.pixel_frames_per_model_frame(config)
-  widths = {}
-  mode = m.get("actions", "none")
-  if mode != "none":
-    widths["actions"] = k * (m.action_size if mode == "continuous" else 1)
-  if m.get("reward_heads", False):
+  width = step_lib.action_spec(config.model).raw_width
+  widths = {"actions": k * width} if width else {}
+  if config.model.get("reward_heads", False):
     widths.update(rewards=k, terminals=k)
   return widths
 
