@@ -57,3 +57,58 @@ def test_norm_none_streams_exactly():
   whole = model.apply(params, x, method=vae.VAE.encode)[0]
   streamed = vae.stream_encode(model, params, x, chunk_frames=4)[0]
   np.testing.assert_allclose(streamed, whole, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- shortcuts
+
+SHORTCUT_CFG = vae.VAEConfig.from_variant("tiny", norm="none", shortcuts=True,
+                                          upsample="subpixel")
+
+
+def test_shortcuts_add_no_parameters_and_subpixel_widens_only_the_up_convs():
+  tiny = lambda **kw: vae.VAE(vae.VAEConfig.from_variant("tiny", norm="none", **kw))
+  plain = _shapes(tiny())
+  assert _shapes(tiny(shortcuts=True)) == plain
+  subpixel = _shapes(tiny(upsample="subpixel"))
+  changed = {k for k in plain if subpixel[k] != plain[k]}
+  assert changed and all("_up/" in k for k in changed)
+  # level 1 -> 0 doubles time too: 2 frames x 2 x 2 outputs per input voxel
+  kernel = "decoder/level_1_up/conv/conv/kernel"
+  assert subpixel[kernel][-1] == 8 * plain[kernel][-1]
+  with pytest.raises(ValueError, match="upsample"):
+    vae.VAEConfig.from_variant("tiny", upsample="bilinear")
+
+
+def test_pool_shortcut_is_a_causal_average_pool():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 5, 4, 4, 2)), jnp.float32)
+  pooled = vae._pool_shortcut(x, time=True, features=2)
+  assert pooled.shape == (1, 3, 2, 2, 2)
+  np.testing.assert_allclose(pooled[0, 0, 0, 0], x[0, 0, :2, :2].mean((0, 1)), atol=1e-6)
+  np.testing.assert_allclose(pooled[0, 2, 1, 0], x[0, 3:5, 2:, :2].mean((0, 1, 2)), atol=1e-6)
+  # A later streaming chunk (an even number of frames) pairs its frames from the start.
+  np.testing.assert_allclose(vae._pool_shortcut(x[:, 1:], True, 2), pooled[:, 1:], atol=1e-6)
+  # Channels: averaged in consecutive groups, or repeated; anything else is refused.
+  np.testing.assert_allclose(vae._match_channels(x, 1)[..., 0], x.mean(-1), atol=1e-6)
+  np.testing.assert_array_equal(vae._match_channels(x, 4)[..., 2:], jnp.repeat(x[..., 1:], 2, -1))
+  with pytest.raises(ValueError, match="cannot map 2 channels to 3"):
+    vae._match_channels(x, 3)
+
+
+def test_shortcuts_and_subpixel_upsampling_stream_exactly_and_stay_causal():
+  from tests.random_params import random_params
+  model = vae.VAE(SHORTCUT_CFG)
+  x = _clip(13)
+  params = random_params(model, x[:, :5])
+  encode = jax.jit(lambda p, v: model.apply(p, v, method=vae.VAE.encode))
+  mean, logvar = encode(params, x)
+  for chunk_frames in (4, 8):
+    streamed = vae.stream_encode(model, params, x, chunk_frames)
+    np.testing.assert_allclose(streamed[0], mean, atol=1e-5)
+  whole = model.apply(params, mean, method=vae.VAE.decode)
+  np.testing.assert_allclose(vae.stream_decode(model, params, mean, 1), whole, atol=1e-5)
+  decode = jax.jit(lambda p, z: model.apply(p, z, method=vae.VAE.decode))
+  np.testing.assert_allclose(decode(params, mean.at[:, 2].add(1.0))[:, :5], whole[:, :5],
+                             atol=1e-6)                    # latent 2 decodes to frames 5..8
+  edited = encode(params, x.at[:, 6].set(-x[:, 6]))[0]      # frame 6 is in latent frame 2
+  np.testing.assert_allclose(edited[:, :2], mean[:, :2], atol=1e-6)
+  assert not np.allclose(edited[:, 2], mean[:, 2], atol=1e-3)

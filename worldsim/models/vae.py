@@ -26,6 +26,12 @@ result equals coding the whole clip at once, and memory does not grow with the l
   for frames in iter_decode(model, params, z, 2): ...                  # chunk by chunk
   video = tiled_decode(model, params, z, tile=16, overlap=4)            # big frames
 
+Shortcuts (VAEConfig.shortcuts, the tiny recipe's): parameter-free residual paths around
+every resampling, as DC-AE's residual autoencoding: average pooling (frame 0 alone, then frame
+pairs, in time) beside each downsampling conv, nearest upsampling beside each upsampling, and
+channel-group averages / repeats across the latent bottleneck. `upsample="subpixel"` makes the
+decoder's upsampling a conv at the low rate followed by depth to space.
+
 Normalisation is RMSNorm over the channels of each voxel (as the Wan 2.1 VAE does), not
 GroupNorm. GroupNorm over (T, H, W) mixes statistics of future frames into the past, which
 breaks causality and makes chunked coding inexact; per-frame GroupNorm would be causal, but
@@ -105,6 +111,16 @@ class VAEConfig:
   # in channel space, so a small net sees brightness and saturation only once its biases
   # have grown; without it the tiny recipe learns faster (benchmarks/RESULTS.md).
   norm: str = "rms"
+  # Parameter-free residual paths around every resolution change and the latent bottleneck
+  # (DC-AE's residual autoencoding): each downsampling conv adds the average pool of its
+  # input (frame 0 alone, then frame pairs, in time), each upsampling conv adds its nearest-
+  # upsampled input, the latent mean adds the encoder's features averaged in channel groups
+  # and the decoder's first features add the latents repeated. A net that starts as pooling
+  # and repetition passes flat colour and position from step 0 and learns only the residual.
+  shortcuts: bool = False
+  # How the decoder doubles time and space: "nearest" (repeat, then a conv) or "subpixel"
+  # (a conv, then depth to space; Upsample).
+  upsample: str = "nearest"
 
   def __post_init__(self):
     object.__setattr__(self, "channel_multipliers", tuple(int(m) for m in self.channel_multipliers))
@@ -114,6 +130,8 @@ class VAEConfig:
           f"VAEConfig.spatial_factor={self.spatial_factor} must be 2 ** (levels - 1) = "
           f"{2 ** (levels - 1)} for channel_multipliers={self.channel_multipliers} (one 2x "
           f"spatial downsampling between levels); change one of them")
+    if self.upsample not in ("nearest", "subpixel"):
+      raise ValueError(f"VAEConfig.upsample={self.upsample!r} must be 'nearest' or 'subpixel'")
     if self.norm not in ("rms", "none"):
       raise ValueError(f"VAEConfig.norm={self.norm!r} must be 'rms' or 'none'")
     if self.temporal_factor < 1 or self.temporal_factor & (self.temporal_factor - 1) or \
@@ -279,6 +297,31 @@ class _TemporalTapConv(nn.Module):
     return out
 
 
+def _match_channels(x, features: int):
+  """x with `features` channels: consecutive channels averaged in groups, or each repeated."""
+  channels = x.shape[-1]
+  if channels % features == 0:
+    return x.reshape(*x.shape[:-1], features, channels // features).mean(-1)
+  if features % channels == 0:
+    return jnp.repeat(x, features // channels, axis=-1)
+  raise ValueError(f"a shortcut cannot map {channels} channels to {features}: one must divide "
+                   f"the other (VAEConfig.shortcuts)")
+
+
+def _pool_shortcut(x, time: bool, features: int):
+  """The downsampling shortcut: 2x2 average pool in space and, if `time`, over causal frame
+  pairs (frame 0 alone, then (1, 2), (3, 4), ...). A chunk with an odd number of frames holds
+  frame 0 (the first chunk or a whole clip: 1 + 2m frames), a later chunk an even number, so
+  streaming needs no cache here."""
+  b, t, h, w, c = x.shape
+  if time:
+    if t % 2:
+      x = jnp.concatenate([x[:, :1], x], axis=1)
+    x = x.reshape(b, x.shape[1] // 2, 2, h, w, c).mean(2)
+  x = x.reshape(x.shape[0], x.shape[1], h // 2, 2, w // 2, 2, c).mean((3, 5))
+  return _match_channels(x, features)
+
+
 class ResBlock(nn.Module):
   features: int
   dtype: str = "float32"
@@ -296,22 +339,41 @@ class ResBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-  """2x nearest in space and, if `time`, in time except frame 0 (1 + k -> 1 + 2k); a conv."""
+  """2x in space and, if `time`, in time except frame 0 (1 + k -> 1 + 2k).
+
+  "nearest": repeat, then a conv at the new size. "subpixel": a conv at the old size gives
+  every input voxel its (2 frames x) 2 x 2 outputs' features, rearranged into place (depth to
+  space; frame 0's first frame is dropped): the frames that share a latent get their own
+  weights instead of having to tell identical repeats apart.
+  """
   features: int
   time: bool
   dtype: str = "float32"
+  shortcut: bool = False       # add the nearest-upsampled input (VAEConfig.shortcuts)
+  mode: str = "nearest"
 
   @nn.compact
   def __call__(self, x):
-    if self.time:
-      if self.has_variable("cache", "started"):        # a later chunk: no frame 0 in it
-        x = jnp.repeat(x, 2, axis=1)
-      else:
-        x = jnp.concatenate([x[:, :1], jnp.repeat(x[:, 1:], 2, axis=1)], axis=1)
-      if self.is_mutable_collection("cache") and not self.is_initializing():
-        self.put_variable("cache", "started", jnp.ones((), jnp.bool_))
-    x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-    return _constrain(CausalConv3d(self.features, dtype=self.dtype, name="conv")(x))
+    first_chunk = self.time and not self.has_variable("cache", "started")
+    if self.time and self.is_mutable_collection("cache") and not self.is_initializing():
+      self.put_variable("cache", "started", jnp.ones((), jnp.bool_))
+    st = 2 if self.time else 1
+    up = jnp.repeat(jnp.repeat(jnp.repeat(x, st, axis=1), 2, axis=2), 2, axis=3)
+    if self.mode == "subpixel":
+      h = CausalConv3d(self.features * st * 4, dtype=self.dtype, name="conv")(x)
+      b, t, height, width, _ = h.shape
+      h = h.reshape(b, t, height, width, st, 2, 2, self.features)
+      h = h.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(up.shape[:4] + (self.features,))
+    else:
+      h = CausalConv3d(self.features, dtype=self.dtype, name="conv")(
+          up[:, 1:] if first_chunk else up)
+    if first_chunk and self.mode == "subpixel":
+      h = h[:, 1:]
+    if first_chunk:        # frame 0 stands for itself alone
+      up = up[:, 1:]
+    if self.shortcut:
+      h = h + _match_channels(up, self.features)
+    return _constrain(h)
 
 
 class Encoder(nn.Module):
@@ -328,15 +390,16 @@ class Encoder(nn.Module):
         h = ResBlock(width, cfg.dtype, cfg.norm, name=f"level_{level}_block_{j}")(h)
       if level < len(widths) - 1:
         time = cfg.downsamples_time(level)
-        h = CausalConv3d(width, strides=(2 if time else 1, 2, 2), dtype=cfg.dtype,
-                         name=f"level_{level}_down")(h)
-        h = _constrain(h)
+        down = CausalConv3d(width, strides=(2 if time else 1, 2, 2), dtype=cfg.dtype,
+                            name=f"level_{level}_down")(h)
+        h = _constrain(down + _pool_shortcut(h, time, width) if cfg.shortcuts else down)
     for j in range(2):
       h = ResBlock(widths[-1], cfg.dtype, cfg.norm, name=f"mid_block_{j}")(h)
-    h = nn.silu(_norm(cfg.norm, "norm_out")(h))
     moments = CausalConv3d(2 * cfg.latent_channels, names=("conv_in", None), dtype=cfg.dtype,
-                           name="conv_out")(h).astype(jnp.float32)
-    mean, logvar = jnp.split(moments, 2, axis=-1)
+                           name="conv_out")(nn.silu(_norm(cfg.norm, "norm_out")(h)))
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    if cfg.shortcuts:
+      mean = mean + _match_channels(h, cfg.latent_channels).astype(jnp.float32)
     return _constrain(mean, PIXEL_AXES), _constrain(jnp.clip(logvar, *LOGVAR_RANGE), PIXEL_AXES)
 
 
@@ -348,6 +411,8 @@ class Decoder(nn.Module):
     cfg = self.cfg
     widths = [cfg.base_channels * m for m in cfg.channel_multipliers]
     h = CausalConv3d(widths[-1], names=(None, "conv_out"), dtype=cfg.dtype, name="conv_in")(z)
+    if cfg.shortcuts:
+      h = h + _match_channels(z, widths[-1]).astype(h.dtype)
     h = _constrain(h)
     for j in range(2):
       h = ResBlock(widths[-1], cfg.dtype, cfg.norm, name=f"mid_block_{j}")(h)
@@ -356,7 +421,7 @@ class Decoder(nn.Module):
         h = ResBlock(widths[level], cfg.dtype, cfg.norm, name=f"level_{level}_block_{j}")(h)
       if level > 0:      # mirrors the encoder's downsampling after level - 1
         h = Upsample(widths[level], cfg.downsamples_time(level - 1), cfg.dtype,
-                     name=f"level_{level}_up")(h)
+                     cfg.shortcuts, cfg.upsample, name=f"level_{level}_up")(h)
     h = nn.silu(_norm(cfg.norm, "norm_out")(h))
     x = CausalConv3d(cfg.in_channels, names=("conv_in", None), dtype=cfg.dtype, name="conv_out")(h)
     return _constrain(x.astype(jnp.float32), PIXEL_AXES)
