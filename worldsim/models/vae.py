@@ -111,12 +111,9 @@ class VAEConfig:
   # in channel space, so a small net sees brightness and saturation only once its biases
   # have grown; without it the tiny recipe learns faster (benchmarks/RESULTS.md).
   norm: str = "rms"
-  # Parameter-free residual paths around every resolution change and the latent bottleneck
-  # (DC-AE's residual autoencoding): each downsampling conv adds the average pool of its
-  # input (frame 0 alone, then frame pairs, in time), each upsampling conv adds its nearest-
-  # upsampled input, the latent mean adds the encoder's features averaged in channel groups
-  # and the decoder's first features add the latents repeated. A net that starts as pooling
-  # and repetition passes flat colour and position from step 0 and learns only the residual.
+  # Parameter-free pooling / repetition paths around every resampling and the bottleneck
+  # (module docstring): a net that starts as pooling and repetition passes flat colour and
+  # position from step 0 and learns only the residual.
   shortcuts: bool = False
   # How the decoder doubles time and space: "nearest" (repeat, then a conv) or "subpixel"
   # (a conv, then depth to space; Upsample).
@@ -364,13 +361,10 @@ class Upsample(nn.Module):
       b, t, height, width, _ = h.shape
       h = h.reshape(b, t, height, width, st, 2, 2, self.features)
       h = h.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(up.shape[:4] + (self.features,))
-    else:
-      h = CausalConv3d(self.features, dtype=self.dtype, name="conv")(
-          up[:, 1:] if first_chunk else up)
-    if first_chunk and self.mode == "subpixel":
-      h = h[:, 1:]
-    if first_chunk:        # frame 0 stands for itself alone
-      up = up[:, 1:]
+      h = h[:, 1:] if first_chunk else h           # frame 0 stands for itself alone
+    up = up[:, 1:] if first_chunk else up
+    if self.mode != "subpixel":
+      h = CausalConv3d(self.features, dtype=self.dtype, name="conv")(up)
     if self.shortcut:
       h = h + _match_channels(up, self.features)
     return _constrain(h)
