@@ -37,3 +37,13 @@ def test_streamed_chunks_are_checked(tmp_path):
     video_lib.save_video(tmp_path / "b.mp4", iter([video, video.astype(np.float32)]), 8)
   with pytest.raises(ValueError, match="empty iterator"):
     video_lib.save_video(tmp_path / "c.mp4", iter([]), 8)
+
+
+def test_auto_scale_brings_tiny_frames_towards_128_pixels(tmp_path):
+  assert [video_lib.auto_scale(h, w) for h, w in ((32, 48), (64, 20), (200, 90))] == [2, 2, 1]
+  video = np.zeros((3, 24, 40, 3), np.uint8)
+  path = video_lib.save_video(tmp_path / "tiny.gif", _chunks(video, 2), 8, scale="auto")
+  with Image.open(path) as image:
+    assert image.size == (40 * 3, 24 * 3)              # 128 // 40 = 3
+  with pytest.raises(ValueError, match="positive integer or 'auto'"):
+    video_lib.save_video(tmp_path / "bad.gif", video, 8, scale="big")

@@ -25,7 +25,6 @@ rollouts one token frame at a time under an agent's actions (denoise_chunk is ba
   save_rollout("minute.mp4", sim, seconds=60)
 """
 import functools
-import itertools
 import math
 from typing import Iterator, Optional
 
@@ -330,7 +329,4 @@ def save_rollout(path, sim, fps: Optional[float] = None, **kwargs):
     raise ImportError("save_rollout writes mp4 with mediapy and imageio-ffmpeg: "
                       "pip install 'worldsim[video]'")
   fps = fps or sim.config.sample.fps
-  frames_iter = rollout_frames(sim, fps=fps, **kwargs)
-  first = next(frames_iter)
-  scale = max(1, 128 // max(first.shape[1:3]))
-  return video_lib.save_video(path, itertools.chain([first], frames_iter), fps, scale=scale)
+  return video_lib.save_video(path, rollout_frames(sim, fps=fps, **kwargs), fps, scale="auto")

@@ -710,8 +710,7 @@ def write_samples(config, workdir) -> None:
   for seed in range(config.sample.num_videos):
     clip = sim.sample(config.sample.get("caption") or None, seed=seed, progress=False)
     # Tiny clips are upscaled so players show them at a visible size.
-    scale = max(1, 128 // max(clip.shape[1:3]))
     written.append(str(video_lib.save_video(out / f"sample_{seed}.mp4", clip,
-                                            config.sample.fps, scale=scale)))
+                                            config.sample.fps, scale="auto")))
   marker.write_text(json.dumps({"step": sim.step, "files": written}))
   logging.info("wrote %d samples to %s", len(written), out)

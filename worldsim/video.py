@@ -35,7 +35,15 @@ def _same_size(chunks, first: np.ndarray):
     yield chunk
 
 
-def save_video(path, video, fps: float = 8.0, *, scale: int = 1) -> pathlib.Path:
+AUTO_SCALE_SIDE = 128      # scale="auto" upscales frames towards this many pixels
+
+
+def auto_scale(height: int, width: int) -> int:
+  """The whole upscale factor that brings frames under AUTO_SCALE_SIDE pixels towards it."""
+  return max(1, AUTO_SCALE_SIDE // max(height, width))
+
+
+def save_video(path, video, fps: float = 8.0, *, scale=1) -> pathlib.Path:
   """Writes uint8 `video` (T, H, W, 3) to `path`: .mp4 (H.264) through the ffmpeg that
   imageio-ffmpeg ships (via mediapy), .gif through Pillow. Returns the path written.
 
@@ -43,7 +51,8 @@ def save_video(path, video, fps: float = 8.0, *, scale: int = 1) -> pathlib.Path
   is a str or os.PathLike, a video never is. `video` may also be an iterator of uint8
   (t, H, W, 3) chunks of one frame size (a generator, such as rollout.rollout_frames): an .mp4
   is then written as they come, one chunk in memory at a time (a .gif still holds them all).
-  `scale`: an integer upscale (pixel repeat), for tiny clips players would show as a dot.
+  `scale`: an integer upscale (pixel repeat), for tiny clips players would show as a dot;
+  "auto" picks auto_scale of the first frames (a whole factor towards 128 pixels).
   H.264 needs even sides, so an .mp4 of odd sides gets its last row/column repeated once. An
   .mp4 path falls back to .gif beside it when the video extra (imageio-ffmpeg, mediapy) is not
   installed.
@@ -62,8 +71,10 @@ def save_video(path, video, fps: float = 8.0, *, scale: int = 1) -> pathlib.Path
   else:
     first = _check_video(video)
     chunks = iter([first])
+  if scale == "auto":
+    scale = auto_scale(*first.shape[1:3])
   if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-    raise ValueError(f"scale={scale!r} must be a positive integer")
+    raise ValueError(f"scale={scale!r} must be a positive integer or 'auto'")
   if not fps > 0:
     raise ValueError(f"fps={fps!r} must be positive")
   path = pathlib.Path(path)

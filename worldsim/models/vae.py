@@ -355,15 +355,18 @@ class Upsample(nn.Module):
     if self.time and self.is_mutable_collection("cache") and not self.is_initializing():
       self.put_variable("cache", "started", jnp.ones((), jnp.bool_))
     st = 2 if self.time else 1
-    up = jnp.repeat(jnp.repeat(jnp.repeat(x, st, axis=1), 2, axis=2), 2, axis=3)
+    up = None                                      # the repeated input, built only if used
+    if self.mode == "nearest" or self.shortcut:
+      up = jnp.repeat(jnp.repeat(jnp.repeat(x, st, axis=1), 2, axis=2), 2, axis=3)
+      up = up[:, 1:] if first_chunk else up        # frame 0 stands for itself alone
     if self.mode == "subpixel":
       h = CausalConv3d(self.features * st * 4, dtype=self.dtype, name="conv")(x)
       b, t, height, width, _ = h.shape
       h = h.reshape(b, t, height, width, st, 2, 2, self.features)
-      h = h.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(up.shape[:4] + (self.features,))
-      h = h[:, 1:] if first_chunk else h           # frame 0 stands for itself alone
-    up = up[:, 1:] if first_chunk else up
-    if self.mode != "subpixel":
+      h = h.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(
+          b, t * st, height * 2, width * 2, self.features)
+      h = h[:, 1:] if first_chunk else h
+    else:
       h = CausalConv3d(self.features, dtype=self.dtype, name="conv")(up)
     if self.shortcut:
       h = h + _match_channels(up, self.features)
