@@ -1,8 +1,9 @@
 """Analytic FLOPs of the diffusion transformer, and a matmul peak measured in-process.
 
 Counts multiply-adds of matrix products as 2 FLOPs and ignores elementwise work (norms,
-activations, softmax), the usual MFU convention. A train step costs three forwards (the
-backward pass is two: gradients for activations and for weights). Attention is counted over
+activations, softmax), the usual MFU convention; the action embedder and reward heads count
+when the config has them. A train step costs three forwards (the backward pass is two:
+gradients for activations and for weights). Attention is counted over
 the (query, key) pairs its mask lets through: within a clip of a packed row, within frames
 <= the query's for block-causal models, and, for captioned models, between a clip's video
 tokens and its own caption's tokens (cross-attention) and within a caption (text encoder).
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldsim.models.dit import DiTConfig
+from worldsim.models.dit import HEAD_OUTPUTS, DiTConfig
 
 TIME_FREQ_DIM = 256   # the sinusoidal timestep embedding width in dit.py
 
@@ -26,6 +27,11 @@ def _linear_flops(cfg: DiTConfig, seq_len: int, text_len: int, text_embed_dim: i
   projections = 2 * l * d * 3 * d + 2 * l * d * d         # q, k, v and the output projection
   mlp = 2 * 2 * l * d * m
   head = 2 * l * d * p
+  if cfg.action_dim:
+    # ActionEmbedder: each token's actions and known flag -> width -> width.
+    embed += 2 * l * (cfg.action_dim + 1) * d + 2 * l * d * d
+  if cfg.reward_heads:
+    head += 2 * l * d * d + 2 * l * d * len(HEAD_OUTPUTS)     # RewardHeads: hidden, out
   total = embed + cfg.depth * (projections + mlp) + head
   if cfg.text != "none":
     # Cross-attention: video queries and output, caption keys and values (in every block).
