@@ -456,9 +456,10 @@ def pixel_source(data_cfg, seed: int):
     check_metadata_is_data(d.data_dir)
   if d.source == "physics_world":
     from data_pipelines import physics_world
+    pushes = {k: d[k] for k in ("active_fraction", "push_probability") if k in d}
     builder = physics_world.build(d.data_dir, num_clips=d.num_clips, seed=seed,  # no-op if built
                                   min_side=d.min_side, max_side=d.max_side,
-                                  min_frames=d.min_frames, max_frames=d.max_frames)
+                                  min_frames=d.min_frames, max_frames=d.max_frames, **pushes)
     return physics_world.load(builder.data_dir)
   if d.source == "video_folder":
     from data_pipelines import video_folder

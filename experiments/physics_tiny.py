@@ -113,6 +113,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.batch_size = 4               # rows per global batch, split over data x fsdp
   c.data.channels = 3
   c.data.max_shapes = 2               # shapes source only
+  # physics_world only: the share of clips whose agent is pushed, and the chance of a push per
+  # frame in those (the actions the action-conditioned recipes learn from).
+  c.data.active_fraction = 0.5
+  c.data.push_probability = 0.1
   c.data.worker_count = 0             # grain worker processes; 0 = in the main process
 
   c.model = ml_collections.ConfigDict()

@@ -139,14 +139,20 @@ class PhysicsWorld(tfds.core.GeneratorBasedBuilder):
 
 def build(data_dir, num_clips: int = 1000, seed: int = 0, min_side: int = 32,
           max_side: int = 128, min_frames: int = 8, max_frames: int = 64,
-          num_workers: int | None = None, scenes=tuple(SCENES)) -> PhysicsWorld:
+          num_workers: int | None = None, scenes=tuple(SCENES),
+          active_fraction: float = ClipOptions.active_fraction,
+          push_probability: float = ClipOptions.push_probability) -> PhysicsWorld:
   """Simulates and writes the dataset under data_dir (skipped if already complete).
+
+  active_fraction: the share of clips whose agent is pushed; push_probability: the chance of a
+  push per frame of such a clip (ClipOptions). Each setting is its own build.
 
   Clips are simulated in `num_workers` processes (default: every core) started with 'spawn',
   so a script that calls build() needs the usual `if __name__ == '__main__':` guard.
   """
   options = ClipOptions(min_side=min_side, max_side=max_side, min_frames=min_frames,
-                        max_frames=max_frames, scenes=tuple(scenes))
+                        max_frames=max_frames, scenes=tuple(scenes),
+                        active_fraction=active_fraction, push_probability=push_probability)
   builder = PhysicsWorld(data_dir=data_dir, config=make_config(num_clips, seed, options),
                          num_workers=num_workers)
   builder.download_and_prepare()

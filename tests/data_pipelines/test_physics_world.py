@@ -179,3 +179,20 @@ def test_build_and_read_do_not_import_tensorflow(tmp_path):
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_config_sets_how_often_the_agent_is_pushed(tmp_path):
+  """config.data.active_fraction / push_probability reach the build (each its own build)."""
+  from data_pipelines import loader
+  from experiments import physics_tiny
+  d = physics_tiny.get_config().data.copy_and_resolve_references()
+  pushed = {}
+  for name, fraction, probability in (('calm', 0.0, 0.1), ('busy', 1.0, 1.0)):
+    with d.unlocked():
+      d.data_dir, d.num_clips, d.max_side, d.max_frames = str(tmp_path / name), 8, 32, 6
+      d.active_fraction, d.push_probability = fraction, probability
+    clips = loader.pixel_source(d, seed=0)
+    pushed[name] = [np.abs(clips[i]['actions']).sum(-1) > 0 for i in range(len(clips))]
+  assert not any(p.any() for p in pushed['calm'])
+  busy = [p for p in pushed['busy'] if p.any()]                 # `spill` has no agent
+  assert len(busy) >= 4 and all(p[:-1].all() for p in busy)     # every frame but the last
