@@ -8,8 +8,8 @@ Same four stages and variants as experiments/physics_tiny.py. The physics_world 
 actions (T, 2): an impulse on the agent right after frame t, zero when nothing is pushed
 (data_pipelines/physics_world/simulate.py). The builder pushes the agent in half of the clips
 (config.data.active_fraction = 0.5; one scene family of seven, `spill`, has no agent) at least
-once and then with probability config.data.push_probability = 0.1 per frame: a little under half of the clips, and of the
-random crops the DiT trains on, hold a push (about 45% and 44%, counted over 300 clips of this
+once and then with probability config.data.push_probability = 0.1 per frame: a little under
+half of the clips, and of the random crops the DiT trains on, hold a push (about 45% and 44%, counted over 300 clips of this
 recipe); the rest teach it that known zero actions mean nothing is pushed. Clips are at least 9 frames (3 latent frames), so every crop has frames
 after a push to show its effect.
 
