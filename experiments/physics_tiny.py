@@ -46,7 +46,10 @@ def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   # Crops: 1 + 4k frames (frame 0 is coded alone), sides multiples of the spatial factor.
   # Clips shorter or smaller than the crop are skipped (and counted in skipped_clips).
-  v.crop_frames = 5
+  # At least 9 frames (3 latent frames): the causal convs pad the past with frame 0, so on
+  # 5-frame crops no layer ever sees a context of video latents only, and every latent
+  # frame past the second decoded badly and never improved (BUILD_NOTES, "The tiny VAE").
+  v.crop_frames = 9
   v.crop_height = 32
   v.crop_width = 32
   # Clips per global batch, split over data x fsdp. The tiny recipe's 4: at equal compute,
@@ -68,7 +71,7 @@ def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
   v.optim.b2 = 0.99
   v.optim.grad_clip = 1.0
 
-  v.steps = 1500
+  v.steps = 850                        # as many crop voxels as 1500 steps of 5 frames
   v.log_every = 20
   v.save_every = 200
   v.keep_checkpoints = 2
