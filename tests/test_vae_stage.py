@@ -130,6 +130,17 @@ def _on_eight_devices(config):
   return config
 
 
+def test_crops_of_fewer_than_three_latent_frames_are_warned_about(caplog):
+  config = _on_eight_devices(vae_tiny.get_config())
+  config_lib.validate(config)                          # the recipe's 9 frames: 3 latent frames
+  assert "crop_frames" not in caplog.text
+  with config.unlocked():
+    config.vae.crop_frames = 5
+  config_lib.validate(config)
+  assert "config.vae.crop_frames=5 gives 2 latent frames" in caplog.text
+  assert "use 9 or more" in caplog.text
+
+
 def test_vae_configs_pass_and_main_knows_the_stage():
   config_lib.validate(_on_eight_devices(vae_tiny.get_config()))
   config_lib.validate(vae_tiny.get_config("small"))

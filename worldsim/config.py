@@ -1,4 +1,5 @@
 """Checks an experiment config before anything compiles; errors name the field and the fix."""
+from absl import logging
 import jax
 
 from data_pipelines import loader
@@ -298,6 +299,14 @@ def _validate_vae(config, num_devices: int, train: bool = True) -> None:
     _check(size >= s and size % s == 0,
            f"config.vae.{name}={size} is not a multiple of the VAE's spatial factor {s}; set "
            f"--config.vae.{name} to {_nearest(size, s, s)}")
+  if v.crop_frames < 1 + 2 * t:
+    # Every causal conv pads the past with frame 0, so on crops of 1 or 2 latent frames no
+    # layer sees a context of video latents only: later latent frames of longer clips decode
+    # badly and do not improve with training (BUILD_NOTES, "The tiny VAE").
+    logging.warning(
+        "config.vae.crop_frames=%d gives %d latent frames: the VAE never trains on a latent "
+        "frame past the second, so longer clips decode badly after frame %d; use %d or more",
+        v.crop_frames, 1 + (v.crop_frames - 1) // t, v.crop_frames - 1, 1 + 2 * t)
   if d.source in ("shapes", "physics_world"):   # clip sizes come from config.data
     _check(v.crop_frames <= d.max_frames,
            f"config.vae.crop_frames={v.crop_frames} is longer than every clip "
