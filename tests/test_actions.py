@@ -26,7 +26,8 @@ from worldsim.train import step as step_lib
 from worldsim.train import trainer
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}   # as in test_scale_out
-BUNDLED_CONFIG = pathlib.Path(__file__).parents[1] / "worldsim/assets/physics_tiny/config.json"
+# The config the first bundled model was saved with, before actions existed.
+CONFIG_BEFORE_ACTIONS = pathlib.Path(__file__).parent / "saved_configs/physics_tiny_before_actions.json"
 
 
 def _diffusion(**overrides):
@@ -292,9 +293,9 @@ def test_action_configs_name_the_field_and_fix(tiny_config, overrides, message):
 
 
 def test_configs_from_before_actions_still_validate_and_read_as_action_free():
-  """The bundled model's config (saved before actions existed) validates, and reads as no
-  actions, no heads, no per-frame arrays in the batch."""
-  config = ml_collections.ConfigDict(json.loads(BUNDLED_CONFIG.read_text()))
+  """A config saved before actions existed (the first bundled model's) validates, and reads
+  as no actions, no heads, no per-frame arrays in the batch."""
+  config = ml_collections.ConfigDict(json.loads(CONFIG_BEFORE_ACTIONS.read_text()))
   assert "actions" not in config.model
   config_lib.validate(config, num_devices=1)
   assert config_lib.action_dim(config) == 0 and not trainer.frame_widths(config)

@@ -21,9 +21,9 @@ def _shapes(model):
   return {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
-def test_defaults_keep_the_bundled_parameter_tree():
+def test_defaults_keep_the_parameter_tree_saved_before_the_options():
   """norm='rms' and sample_posterior=True are the defaults: the same names and shapes as
-  before the options (what worldsim/assets/physics_tiny/vae.npz holds)."""
+  before the options, so VAEs saved then still load."""
   cfg = vae.VAEConfig.from_variant("tiny")
   assert cfg.norm == "rms" and cfg.sample_posterior
   names = set(_shapes(vae.VAE(cfg)))
