@@ -304,8 +304,8 @@ def _validate_vae(config, num_devices: int, train: bool = True) -> None:
     # layer sees a context of video latents only: later latent frames of longer clips decode
     # badly and do not improve with training (BUILD_NOTES, "The tiny VAE").
     logging.warning(
-        "config.vae.crop_frames=%d gives %d latent frames: the VAE never trains on a latent "
-        "frame past the second, so longer clips decode badly after frame %d; use %d or more",
+        "config.vae.crop_frames=%d gives %d latent frames: no conv trains on a context of "
+        "video latents alone, so longer clips decode badly after frame %d; use %d or more",
         v.crop_frames, 1 + (v.crop_frames - 1) // t, v.crop_frames - 1, 1 + 2 * t)
   if d.source in ("shapes", "physics_world"):   # clip sizes come from config.data
     _check(v.crop_frames <= d.max_frames,
