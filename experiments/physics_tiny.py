@@ -26,7 +26,7 @@ def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
   v.variant = variant
   # VAEConfig overrides; None = the variant table's value (worldsim/models/vae.py).
   for name in ("base_channels", "num_res_blocks", "latent_channels", "temporal_factor",
-               "spatial_factor", "disc_channels", "disc_layers"):
+               "spatial_factor", "disc_channels", "disc_layers", "res_kernel_t"):
     v[name] = ml_collections.config_dict.placeholder(int)
   v.channel_multipliers = ml_collections.config_dict.placeholder(tuple)
   v.dtype = "float32"                  # compute dtype; parameters stay float32
@@ -43,6 +43,10 @@ def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
     # +0.5 dB more.
     v.norm, v.sample_posterior = "none", False
     v.shortcuts, v.upsample = True, "subpixel"
+    # Per-frame res blocks: a third of their FLOPs (1.9x the steps per second), and a temporal
+    # receptive field of about 5 latent frames instead of 14, so frames past a 9-frame crop's
+    # 3 latents decode as well as earlier ones (at equal time +1.9 dB held-out).
+    v.res_kernel_t = 1
 
   # Crops: 1 + 4k frames (frame 0 is coded alone), sides multiples of the spatial factor.
   # Clips shorter or smaller than the crop are skipped (and counted in skipped_clips).
@@ -71,7 +75,7 @@ def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
   v.optim.b2 = 0.99
   v.optim.grad_clip = 1.0
 
-  v.steps = 850                        # as many crop voxels as 1500 steps of 5 frames
+  v.steps = 1500                       # about 10 minutes on 2 cores
   v.log_every = 20
   v.save_every = 200
   v.keep_checkpoints = 2

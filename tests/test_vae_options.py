@@ -1,5 +1,7 @@
 """VAEConfig.norm and sample_posterior: the options the tiny recipe trains with, and defaults
 that keep the bundled model's parameter tree."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 from flax import traverse_util
@@ -110,3 +112,38 @@ def test_shortcuts_and_subpixel_upsampling_stream_exactly_and_stay_causal():
   edited = encode(params, x.at[:, 6].set(-x[:, 6]))[0]      # frame 6 is in latent frame 2
   np.testing.assert_allclose(edited[:, :2], mean[:, :2], atol=1e-6)
   assert not np.allclose(edited[:, 2], mean[:, 2], atol=1e-3)
+
+
+# --------------------------------------------------------------------------- res_kernel_t
+
+def test_res_kernel_t_1_makes_only_the_block_convs_per_frame():
+  tiny = lambda **kw: vae.VAE(vae.VAEConfig.from_variant("tiny", **kw))
+  plain, per_frame = _shapes(tiny()), _shapes(tiny(res_kernel_t=1))
+  changed = {k for k in plain if per_frame[k] != plain[k]}
+  assert changed and all("_block_" in k and k.endswith("/conv/kernel") for k in changed)
+  assert all(per_frame[k] == (1,) + plain[k][1:] for k in changed)
+  assert _shapes(tiny(res_kernel_t=1)).keys() == plain.keys()
+  with pytest.raises(ValueError, match="res_kernel_t"):
+    vae.VAEConfig.from_variant("tiny", res_kernel_t=2)
+
+
+def test_res_kernel_t_1_streams_exactly_and_forgets_the_distant_past():
+  """Per-frame blocks keep the temporal receptive field to a few latent frames: a change to
+  frame 0 reaches latents 0-4 only, and a change to latent 0 no frame of latent 7 or later
+  (frames 25 on), where 3-frame blocks reach the end of the clip."""
+  cfg = dataclasses.replace(SHORTCUT_CFG, res_kernel_t=1)
+  x = _clip(29, size=8)
+  for kernel_t, reaches_end in ((1, False), (3, True)):
+    model = vae.VAE(dataclasses.replace(cfg, res_kernel_t=kernel_t))
+    params = random_params(model, x[:, :5])
+    encode = jax.jit(lambda p, v: model.apply(p, v, method=vae.VAE.encode)[0])
+    decode = jax.jit(lambda p, z: model.apply(p, z, method=vae.VAE.decode))
+    mean = encode(params, x)
+    edited = encode(params, x.at[:, 0].set(-x[:, 0]))
+    assert np.allclose(edited[:, 5:], mean[:, 5:], atol=1e-6) != reaches_end
+    video = decode(params, mean)
+    redone = decode(params, mean.at[:, 0].add(1.0))
+    assert np.allclose(redone[:, 25:], video[:, 25:], atol=1e-6) != reaches_end
+    if kernel_t == 1:
+      np.testing.assert_allclose(vae.stream_encode(model, params, x, 8)[0], mean, atol=1e-5)
+      np.testing.assert_allclose(vae.stream_decode(model, params, mean, 2), video, atol=1e-5)

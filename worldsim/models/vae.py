@@ -118,6 +118,13 @@ class VAEConfig:
   # How the decoder doubles time and space: "nearest" (repeat, then a conv) or "subpixel"
   # (a conv, then depth to space; Upsample).
   upsample: str = "nearest"
+  # Temporal kernel of the ResBlocks' convs: 3 (every block mixes neighbouring frames) or 1
+  # (blocks are per-frame 2D convs; time is mixed by the in/out convs and the resampling
+  # convs only). With 3, the stacked blocks see about 14 latent frames back, far more than a
+  # training crop holds, and frames past the crop's length decode worse than the same frames
+  # in a shorter clip; with 1 the receptive field is a few latent frames (and a block costs a
+  # third of the FLOPs).
+  res_kernel_t: int = 3
 
   def __post_init__(self):
     object.__setattr__(self, "channel_multipliers", tuple(int(m) for m in self.channel_multipliers))
@@ -129,6 +136,8 @@ class VAEConfig:
           f"spatial downsampling between levels); change one of them")
     if self.upsample not in ("nearest", "subpixel"):
       raise ValueError(f"VAEConfig.upsample={self.upsample!r} must be 'nearest' or 'subpixel'")
+    if self.res_kernel_t not in (1, 3):
+      raise ValueError(f"VAEConfig.res_kernel_t={self.res_kernel_t} must be 1 or 3")
     if self.norm not in ("rms", "none"):
       raise ValueError(f"VAEConfig.norm={self.norm!r} must be 'rms' or 'none'")
     if self.temporal_factor < 1 or self.temporal_factor & (self.temporal_factor - 1) or \
@@ -323,12 +332,14 @@ class ResBlock(nn.Module):
   features: int
   dtype: str = "float32"
   norm: str = "rms"
+  kernel_t: int = 3
 
   @nn.compact
   def __call__(self, x):
-    h = CausalConv3d(self.features, dtype=self.dtype, name="conv_1")(
+    kernel = (self.kernel_t, 3, 3)
+    h = CausalConv3d(self.features, kernel, dtype=self.dtype, name="conv_1")(
         nn.silu(_norm(self.norm, "norm_1")(x)))
-    h = CausalConv3d(self.features, dtype=self.dtype, name="conv_2")(
+    h = CausalConv3d(self.features, kernel, dtype=self.dtype, name="conv_2")(
         nn.silu(_norm(self.norm, "norm_2")(h)))
     if x.shape[-1] != self.features:
       x = CausalConv3d(self.features, kernel=(1, 1, 1), dtype=self.dtype, name="skip")(x)
@@ -384,14 +395,15 @@ class Encoder(nn.Module):
     h = _constrain(h)
     for level, width in enumerate(widths):
       for j in range(cfg.num_res_blocks):
-        h = ResBlock(width, cfg.dtype, cfg.norm, name=f"level_{level}_block_{j}")(h)
+        h = ResBlock(width, cfg.dtype, cfg.norm, cfg.res_kernel_t,
+                     name=f"level_{level}_block_{j}")(h)
       if level < len(widths) - 1:
         time = cfg.downsamples_time(level)
         down = CausalConv3d(width, strides=(2 if time else 1, 2, 2), dtype=cfg.dtype,
                             name=f"level_{level}_down")(h)
         h = _constrain(down + _pool_shortcut(h, time, width) if cfg.shortcuts else down)
     for j in range(2):
-      h = ResBlock(widths[-1], cfg.dtype, cfg.norm, name=f"mid_block_{j}")(h)
+      h = ResBlock(widths[-1], cfg.dtype, cfg.norm, cfg.res_kernel_t, name=f"mid_block_{j}")(h)
     moments = CausalConv3d(2 * cfg.latent_channels, names=("conv_in", None), dtype=cfg.dtype,
                            name="conv_out")(nn.silu(_norm(cfg.norm, "norm_out")(h)))
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
@@ -412,10 +424,11 @@ class Decoder(nn.Module):
       h = h + _match_channels(z, widths[-1]).astype(h.dtype)
     h = _constrain(h)
     for j in range(2):
-      h = ResBlock(widths[-1], cfg.dtype, cfg.norm, name=f"mid_block_{j}")(h)
+      h = ResBlock(widths[-1], cfg.dtype, cfg.norm, cfg.res_kernel_t, name=f"mid_block_{j}")(h)
     for level in reversed(range(len(widths))):
       for j in range(cfg.num_res_blocks + 1):
-        h = ResBlock(widths[level], cfg.dtype, cfg.norm, name=f"level_{level}_block_{j}")(h)
+        h = ResBlock(widths[level], cfg.dtype, cfg.norm, cfg.res_kernel_t,
+                     name=f"level_{level}_block_{j}")(h)
       if level > 0:      # mirrors the encoder's downsampling after level - 1
         h = Upsample(widths[level], cfg.downsamples_time(level - 1), cfg.dtype,
                      cfg.shortcuts, cfg.upsample, name=f"level_{level}_up")(h)
