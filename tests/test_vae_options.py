@@ -1,5 +1,5 @@
-"""VAEConfig.norm and sample_posterior: the options the tiny recipe trains with, and defaults
-that keep the bundled model's parameter tree."""
+"""VAEConfig.norm, sample_posterior, shortcuts, upsample and res_kernel_t: the options the tiny
+recipe trains with, and defaults that keep the parameter tree of VAEs saved before them."""
 import dataclasses
 
 import flax.linen as nn
@@ -24,13 +24,14 @@ def _shapes(model):
 
 
 def test_defaults_keep_the_parameter_tree_saved_before_the_options():
-  """norm='rms' and sample_posterior=True are the defaults: the same names and shapes as
-  before the options, so VAEs saved then still load."""
+  """norm='rms', sample_posterior=True and res_kernel_t=3 are the defaults: the same names and
+  shapes as before the options, so VAEs saved then still load."""
   cfg = vae.VAEConfig.from_variant("tiny")
-  assert cfg.norm == "rms" and cfg.sample_posterior
-  names = set(_shapes(vae.VAE(cfg)))
-  assert "encoder/level_0_block_0/norm_1/scale" in names
-  assert "decoder/norm_out/scale" in names
+  assert cfg.norm == "rms" and cfg.sample_posterior and cfg.res_kernel_t == 3
+  shapes = _shapes(vae.VAE(cfg))
+  assert "encoder/level_0_block_0/norm_1/scale" in shapes
+  assert "decoder/norm_out/scale" in shapes
+  assert shapes["decoder/mid_block_0/conv_1/conv/kernel"][0] == 3
 
 
 def test_norm_none_drops_only_the_norm_scales():
