@@ -44,8 +44,8 @@ def vae_block(variant: str = "tiny") -> ml_collections.ConfigDict:
     v.norm, v.sample_posterior = "none", False
     v.shortcuts, v.upsample = True, "subpixel"
     # Per-frame res blocks: a third of their FLOPs (1.9x the steps per second), and a temporal
-    # receptive field of about 5 latent frames instead of 14, so frames past a 9-frame crop's
-    # 3 latents decode as well as earlier ones (at equal time +1.9 dB held-out).
+    # receptive field of about 5 latent frames instead of 14, so latent frames past a 9-frame
+    # crop's 3 decode nearly as well as earlier ones (at equal time +1.9 dB held-out).
     v.res_kernel_t = 1
 
   # Crops: 1 + 4k frames (frame 0 is coded alone), sides multiples of the spatial factor.
