@@ -1,5 +1,6 @@
-"""VAEConfig.norm, sample_posterior, shortcuts, upsample and res_kernel_t: the options the tiny
-recipe trains with, and defaults that keep the parameter tree of VAEs saved before them."""
+"""VAEConfig.norm, sample_posterior, shortcuts, upsample(_kernel_t, _width), res_kernel_t and
+zero_init: the options the tiny recipe trains with, and defaults that keep the parameter tree
+of VAEs saved before them."""
 import dataclasses
 
 import flax.linen as nn
@@ -28,6 +29,7 @@ def test_defaults_keep_the_parameter_tree_saved_before_the_options():
   shapes as before the options, so VAEs saved then still load."""
   cfg = vae.VAEConfig.from_variant("tiny")
   assert cfg.norm == "rms" and cfg.sample_posterior and cfg.res_kernel_t == 3
+  assert cfg.upsample_kernel_t == 3 and cfg.upsample_width == "level" and not cfg.zero_init
   shapes = _shapes(vae.VAE(cfg))
   assert "encoder/level_0_block_0/norm_1/scale" in shapes
   assert "decoder/norm_out/scale" in shapes
@@ -147,3 +149,47 @@ def test_res_kernel_t_1_streams_exactly_and_forgets_the_distant_past():
     if kernel_t == 1:
       np.testing.assert_allclose(vae.stream_encode(model, params, x, 8)[0], mean, atol=1e-5)
       np.testing.assert_allclose(vae.stream_decode(model, params, mean, 2), video, atol=1e-5)
+
+
+# ------------------------------------------------- upsample_kernel_t, upsample_width, zero_init
+
+def test_upsample_options_change_only_the_up_convs_and_next_block_skips():
+  tiny = lambda **kw: _shapes(vae.VAE(dataclasses.replace(SHORTCUT_CFG, **kw)))
+  plain = tiny()
+  short = tiny(upsample_kernel_t=2)
+  assert {k for k in plain if short[k] != plain[k]} == {
+      f"decoder/level_{i}_up/conv/conv/kernel" for i in (1, 2)}
+  assert short["decoder/level_1_up/conv/conv/kernel"][0] == 2
+  narrow = tiny(upsample_width="next")
+  # level 1 -> 0 now gives level 0's width (8, x 2 frames x 2 x 2 outputs per input voxel),
+  # so level 0's first block needs no 1x1 skip any more
+  assert narrow["decoder/level_1_up/conv/conv/kernel"][-1] == 8 * 8
+  assert "decoder/level_0_block_0/skip/conv/kernel" in plain
+  assert "decoder/level_0_block_0/skip/conv/kernel" not in narrow
+  for bad in (dict(upsample_kernel_t=1), dict(upsample_width="wide")):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      dataclasses.replace(SHORTCUT_CFG, **bad)
+
+
+def test_upsample_options_stream_exactly():
+  model = vae.VAE(dataclasses.replace(SHORTCUT_CFG, res_kernel_t=1, upsample_kernel_t=2,
+                                      upsample_width="next"))
+  x = _clip(13)
+  params = random_params(model, x[:, :5])
+  mean = model.apply(params, x, method=vae.VAE.encode)[0]
+  whole = model.apply(params, mean, method=vae.VAE.decode)
+  np.testing.assert_allclose(vae.stream_decode(model, params, mean, 1), whole, atol=1e-5)
+
+
+def test_zero_init_starts_every_block_as_the_identity_and_keeps_the_tree():
+  cfg = dataclasses.replace(SHORTCUT_CFG, res_kernel_t=1)
+  zero = vae.VAE(dataclasses.replace(cfg, zero_init=True))
+  assert _shapes(zero) == _shapes(vae.VAE(cfg))
+  x = _clip(5, size=8)
+  params = nn.unbox(zero.init(jax.random.PRNGKey(0), x)["params"])
+  flat = traverse_util.flatten_dict(params, sep="/")
+  zeros = {k for k, v in flat.items() if k.endswith("kernel") and not np.any(v)}
+  assert zeros and zeros == {k for k in flat if "/conv_2/conv/kernel" in k}
+  block = vae.ResBlock(16, norm="none", kernel_t=1, zero_init=True)
+  h = jnp.asarray(np.random.default_rng(2).standard_normal((1, 3, 4, 4, 16)), jnp.float32)
+  np.testing.assert_array_equal(block.apply(block.init(jax.random.PRNGKey(0), h), h), h)

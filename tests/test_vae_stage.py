@@ -112,7 +112,7 @@ def test_resuming_continues_with_the_same_losses(trained, tmp_path):
     ("crop_frames", 33, r"config\.vae\.crop_frames=33 is longer than every clip"),
     ("batch_size", 6, r"config\.vae\.batch_size=6 must be divisible by data x fsdp = 8"),
     ("variant", "huge", r"config\.vae: VAE variant 'huge' is unknown"),
-    ("disc_start", 1500, r"config\.vae\.disc_start=1500 is not before config\.vae\.steps=1500"),
+    ("disc_start", 1750, r"config\.vae\.disc_start=1750 is not before config\.vae\.steps=1750"),
 ])
 def test_bad_vae_config_fails_before_building(tmp_path, monkeypatch, field, value, message):
   config = _on_eight_devices(vae_tiny.get_config())
